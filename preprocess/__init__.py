@@ -1,0 +1,1 @@
+"""Turn ImageNet-style sources into WebDataset tar shards (see preprocess.shard)."""
