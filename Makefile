@@ -1,0 +1,29 @@
+# The two set-up commands of the README:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch/torchvision first, pinned to the builds CI uses (CUDA wheels on x86-64 Linux, also fine on a CPU);
+# override on a GPU box whose driver wants another build:  make demo TORCH="torch==X torchvision==Y"
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+DEMO   ?= demo
+
+.PHONY: install demo test clean-demo
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+# Synthetic ImageNet-schema parquet -> WebDataset shards -> ResNet-50 training on the CPU -> top-1.
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m preprocess.synthetic --out $(DEMO)/parquet
+	HF_HUB_OFFLINE=1 $(BIN)/python -m preprocess.shard --src $(DEMO)/parquet --out $(DEMO)/shards --images-per-shard 250
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+clean-demo:
+	rm -rf $(DEMO)
