@@ -1,0 +1,1 @@
+"""Benchmarks: each prints a table and appends it to docs/BENCHMARKS.md."""

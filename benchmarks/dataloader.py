@@ -1,0 +1,219 @@
+"""`python -m benchmarks.dataloader`: steady-state images/s of the DALI training pipeline (train.data),
+and with --baseline of the torchvision DataLoader path given the same CPU budget (threads = workers).
+
+What is timed: after --warmup batches, every batch produced in --seconds of wall time (on a GPU the
+device is synchronised at both ends). DALI runs the training pipeline continuously, its reader wrapping
+around the data, so the figure does not depend on the dataset being large; what a new epoch costs
+once (building its pipeline and reaching the first batch) is reported apart as "epoch setup s".
+"CPU cores busy" is the CPU time of this process and its live children (DataLoader workers) divided by
+the wall time; on a shared machine "images/s per busy core" is the steadier figure.
+Without --data, photo-like JPEGs (benchmarks.photos, 500 px longest side, quality 90, ~100 KB like
+preprocessed ImageNet) are written as shards to a temporary folder first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.report import append_result, cpu_description
+from preprocess.manifest import MANIFEST, load_manifest, split_shards
+from preprocess.writer import ShardWriter, shard_name
+from train import data
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def write_synthetic_shards(out: Path, images: int, *, classes: int = 10, max_side: int = 500, quality: int = 90,
+                           per_shard: int = 64, seed: int = 0) -> Path:
+    """A train split of photo-like JPEGs (label i % classes) as tar shards + manifest.json under `out`."""
+    from benchmarks.photos import photo_jpegs
+
+    split_dir = out / "train"
+    split_dir.mkdir(parents=True, exist_ok=True)
+    shards, writer = [], None
+    for i, jpeg in enumerate(photo_jpegs(images, seed=seed, quality=quality, max_side=max_side)):
+        if i % per_shard == 0:
+            if writer is not None:
+                shards.append(vars(writer.close()))
+            writer = ShardWriter(split_dir, shard_name(len(shards)))
+        writer.write(f"photo_{i:07d}", jpeg, i % classes)
+    shards.append(vars(writer.close()))
+    manifest = {"format_version": 1, "num_classes": classes,
+                "classes": [{"index": c, "wnid": f"synthetic{c:04d}", "name": f"class {c}"} for c in range(classes)],
+                "splits": {"train": {"images": images, "shards": shards,
+                                     "per_class": [len(range(c, images, classes)) for c in range(classes)]}},
+                "source": {"kind": "benchmarks.dataloader synthetic", "max_side": max_side, "quality": quality}}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all threads) and its live child processes."""
+    times = os.times()
+    total = times.user + times.system
+    tick = os.sysconf("SC_CLK_TCK")
+    me = os.getpid()
+    for entry in Path("/proc").iterdir() if Path("/proc/self/stat").exists() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == me:  # fields[1] is the parent pid; utime, stime are fields 11 and 12 after ")"
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def measure(batches, batch_size: int, seconds: float, warmup: int, sync) -> dict:
+    """images/s and CPU cores busy over `seconds` of steady state, after `warmup` batches."""
+    for _ in range(warmup):
+        next(batches)
+    sync()
+    cpu0, t0, count = cpu_seconds(), time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        next(batches)
+        count += 1
+    sync()
+    wall = time.perf_counter() - t0
+    busy = (cpu_seconds() - cpu0) / wall
+    rate = count * batch_size / wall
+    return {"images/s": round(rate, 1), "CPU cores busy": round(busy, 2),
+            "images/s per busy core": round(rate / busy, 1) if busy > 0 else "n/a", "batches": count}
+
+
+def dali_batches(pipe, dtype, classes: int):
+    while True:
+        images, labels = pipe.run()
+        yield data.batch_to_torch(images, labels, dtype, classes)
+
+
+def measure_dali(data_dir: Path, device: str, threads: int, res: int, batch_size: int, dtype: torch.dtype,
+                 seconds: float, warmup: int) -> dict:
+    manifest = load_manifest(data_dir)
+    shards = split_shards(data_dir, "train", manifest)
+    device_id = 0 if device == "gpu" else None
+    sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
+    start = time.perf_counter()
+    pipe = data.build_train_pipeline([t for t, _ in shards], [i for _, i in shards], batch_size=batch_size, res=res,
+                                     device_id=device_id, num_threads=threads, dtype=dtype)
+    batches = dali_batches(pipe, dtype, int(manifest["num_classes"]))
+    next(batches)
+    sync()
+    setup = time.perf_counter() - start
+    result = measure(batches, batch_size, seconds, warmup, sync)
+    return {"pipeline": f"dali-{device}", "device": device, "threads": threads, "res": res, "batch": batch_size,
+            **result, "epoch setup s": round(setup, 2)}
+
+
+def measure_baseline(data_dir: Path, workers: int, res: int, batch_size: int, seconds: float, warmup: int) -> dict:
+    # Enough samples that no epoch boundary (and its worker restart stall) falls in the timed window.
+    loader = data.build_baseline_loader(data_dir, batch_size, res, num_workers=workers, num_samples=batch_size * 10**6)
+    start = time.perf_counter()
+    batches = iter(loader)
+    next(batches)
+    setup = time.perf_counter() - start
+    try:
+        result = measure(batches, batch_size, seconds, warmup, lambda: None)
+    finally:
+        del batches  # shuts the workers down
+    return {"pipeline": "torchvision-dataloader", "device": "cpu", "threads": workers, "res": res,
+            "batch": batch_size, **result, "epoch setup s": round(setup, 2)}
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = list(rows[0])
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for row in rows:
+        print("  ".join(str(row[c]).rjust(w) for c, w in zip(columns, widths)))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.dataloader", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", type=Path, default=None,
+                   help="shard folder from `python -m preprocess.shard` (its train split is read); "
+                        "default: write synthetic photo-like shards to a temporary folder")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu",
+                   help="where DALI decodes and augments (gpu: 'mixed' decoder on cuda:0)")
+    p.add_argument("--res", type=int, nargs="+", default=[160],
+                   help="output resolution(s) in pixels; one row per value; the last line reports the first")
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="DALI CPU threads, and DataLoader workers for --baseline (the same CPU budget)")
+    p.add_argument("--seconds", type=float, default=30.0, help="timed wall seconds per measurement")
+    p.add_argument("--warmup", type=int, default=5, help="untimed batches before each measurement")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="DALI output precision (default: fp16 on gpu, fp32 on cpu like the baseline)")
+    p.add_argument("--baseline", action="store_true", help="also measure the torchvision DataLoader path")
+    p.add_argument("--images", type=int, default=320, help="synthetic images to write when no --data")
+    p.add_argument("--max-side", type=int, default=500, help="longest side of synthetic images, pixels")
+    p.add_argument("--report", type=Path, default=None,
+                   help="markdown file to append the result to (default: $BENCHMARKS_FILE or docs/BENCHMARKS.md)")
+    p.add_argument("--no-report", action="store_true", help="print the table only")
+    p.add_argument("--notes", default="", help="free text stored with the result (e.g. what else ran on the machine)")
+    args = p.parse_args(argv)
+    for name in ("batch_size", "threads", "warmup", "images", "max_side"):
+        if getattr(args, name) < (0 if name == "warmup" else 1):
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be positive")
+    if min(args.res) < 8:
+        p.error(f"--res {min(args.res)}: must be at least 8 pixels")
+    if args.seconds <= 0:
+        p.error(f"--seconds {args.seconds}: must be > 0")
+    if args.device == "gpu" and not torch.cuda.is_available():
+        p.error("--device gpu: torch sees no CUDA device; use --device cpu")
+    if args.data is not None:
+        load_manifest(args.data)  # a clear error now rather than from inside a pipeline
+    return args
+
+
+def describe(device: str) -> str:
+    cpu = cpu_description()
+    return f"{torch.cuda.get_device_name(0)} + {cpu}" if device == "gpu" else cpu
+
+
+def run(args: argparse.Namespace, data_dir: Path) -> list[dict]:
+    dtype = DTYPES[args.dtype or ("fp16" if args.device == "gpu" else "fp32")]
+    rows = []
+    for res in args.res:
+        rows.append(measure_dali(data_dir, args.device, args.threads, res, args.batch_size, dtype, args.seconds,
+                                 args.warmup))
+        if args.baseline:
+            rows.append(measure_baseline(data_dir, args.threads, res, args.batch_size, args.seconds, args.warmup))
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="dataloader-bench-") as tmp:
+        if args.data is None:
+            data_dir = write_synthetic_shards(Path(tmp), args.images, max_side=args.max_side)
+            source = f"{args.images} synthetic photo-like JPEGs (benchmarks.photos), <= {args.max_side} px, quality 90"
+        else:
+            data_dir, source = args.data, str(args.data)
+        rows = run(args, data_dir)
+    print_table(rows)
+    if not args.no_report:
+        notes = (f"data: {source}. 1-min load average at start {load:.2f} on {os.cpu_count()} cores "
+                 f"(shared machine: other jobs may have been running). {args.notes}").strip()
+        command = "python -m benchmarks.dataloader " + shlex.join(sys.argv[1:] if argv is None else argv)
+        path = append_result("Dataloader", rows, command, describe(args.device), notes, path=args.report)
+        print(f"appended to {path}")
+    first = next(r for r in rows if r["pipeline"].startswith("dali-"))
+    print(f"dali-{args.device} images/s: {first['images/s']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

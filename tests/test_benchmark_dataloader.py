@@ -1,0 +1,81 @@
+"""benchmarks.dataloader runs end to end on tiny synthetic shards; benchmarks.report appends where it should."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+import pytest
+
+from benchmarks import dataloader, report
+from preprocess.manifest import load_manifest, split_shards
+
+
+def test_benchmark_prints_the_result_line_and_appends_to_the_report(tmp_path, capsys):
+    target = tmp_path / "BENCH.md"
+    target.write_text("# Benchmarks\n\n## Preprocessing\n\nolder entry\n")
+    argv = ["--device", "cpu", "--seconds", "2", "--warmup", "1", "--batch-size", "8", "--res", "32",
+            "--threads", "1", "--images", "24", "--max-side", "96", "--baseline", "--report", str(target)]
+    assert dataloader.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    match = re.fullmatch(r"dali-cpu images/s: ([0-9.]+)", lines[-1])
+    assert match and float(match.group(1)) > 0
+    assert any(line.split()[0] == "torchvision-dataloader" for line in lines)
+
+    text = target.read_text()
+    assert text.index("## Preprocessing") < text.index("older entry") < text.index("## Dataloader")
+    section = text.split("## Dataloader", 1)[1]
+    assert "--baseline" in section and "| pipeline | device | threads | res |" in section
+    dali_row = next(line for line in section.splitlines() if line.startswith("| dali-cpu |"))
+    assert float(dali_row.split("|")[6].replace(",", "")) == float(match.group(1))
+    assert "| torchvision-dataloader | cpu | 1 | 32 |" in section
+
+
+def test_synthetic_shards_are_a_valid_dataset(tmp_path):
+    out = dataloader.write_synthetic_shards(tmp_path, 10, classes=3, max_side=80, per_shard=4)
+    manifest = load_manifest(out)
+    assert [s["images"] for s in manifest["splits"]["train"]["shards"]] == [4, 4, 2]
+    assert manifest["splits"]["train"]["per_class"] == [4, 3, 3]
+    assert len(split_shards(out, "train")) == 3  # files present with the sizes the manifest states
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        dataloader.parse_args(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--data", "--device", "--res", "--batch-size", "--threads", "--seconds", "--baseline", "--report"):
+        assert flag in text
+
+
+def test_bad_flags_are_refused(capsys):
+    for argv in (["--seconds", "0"], ["--threads", "0"], ["--res", "160", "4"]):
+        with pytest.raises(SystemExit) as exit_:
+            dataloader.parse_args(argv)
+        assert exit_.value.code == 2
+
+
+def test_report_appends_to_the_end_of_its_section_and_creates_missing_ones(tmp_path, monkeypatch):
+    target = tmp_path / "docs" / "B.md"
+    monkeypatch.setenv(report.ENV_PATH, str(target))
+    report.append_result("Dataloader", [{"pipeline": "a", "images/s": 1234.56}], "cmd one", "cpu")
+    report.append_result("Train step", [{"res": 160}], "cmd two", "gpu", notes="some note")
+    report.append_result("Dataloader", [{"pipeline": "b", "extra": 0.5}], "cmd three", "cpu")
+    text = target.read_text()
+    assert text.startswith("# Benchmarks")
+    assert text.count("## Dataloader") == 1
+    assert text.index("cmd one") < text.index("cmd three") < text.index("## Train step") < text.index("cmd two")
+    assert "| a | 1,234.6 |" in text and "| b | 0.5 |" in text and "some note" in text
+
+
+def test_table_columns_are_the_union_of_the_rows_keys():
+    table = report.markdown_table([{"a": 1, "b": 2}, {"a": 3, "c": "x|y"}])
+    assert table.splitlines() == ["| a | b | c |", "|---|---|---|", "| 1 | 2 |  |", "| 3 |  | x\\|y |"]
+
+
+def test_entry_names_date_commit_device_and_command():
+    when = dt.datetime(2024, 5, 6, 7, 8, tzinfo=dt.timezone.utc)
+    entry = report.format_entry([{"x": 1}], "python -m benchmarks.x", "H100", when=when, commit="abc1234")
+    assert entry.startswith("**2024-05-06 07:08 UTC**, commit `abc1234`, device: H100")
+    assert "`python -m benchmarks.x`" in entry and "| x |\n|---|\n| 1 |" in entry
+    assert re.fullmatch(r"[0-9a-f]{4,}(\+dirty)?|unknown", report.git_commit())

@@ -1,0 +1,1 @@
+"""Training: config, data pipelines, model, engine and the `python -m train.main` CLI."""

@@ -1,0 +1,513 @@
+"""Input pipelines: DALI for training and validation, a torchvision DataLoader as baseline and fallback.
+
+Training (`TrainLoader`): readers.webdataset over the tar shards and their DALI indexes, sharded per
+rank -> decoders.image_random_crop (area 0.08-1, aspect 3/4-4/3; "mixed" on a GPU, "cpu" otherwise)
+-> resize to the epoch's resolution -> random flip + ImageNet normalisation in crop_mirror_normalize,
+HWC -> a zero-copy torch view: NCHW with channels_last strides. Labels are the int64 `.lbl` field.
+
+How an epoch is made (what the trainer can rely on):
+- One DALI pipeline per epoch, built by `.epoch(epoch, res)` and dropped at its end. That is how the
+  resolution changes between epochs (progressive resizing) without restarting the process; it costs
+  one pipeline build per epoch (index parsing + filling the shuffle buffer; `benchmarks.dataloader`
+  reports it as "epoch setup s").
+- The order and augmentation of epoch e are a pure function of (seed, e, world_size, batch_size), not
+  of the epochs before it: the tar files are permuted with an RNG seeded by (seed, e), the same on
+  every rank; DALI then gives rank r the contiguous sample range [N*r//W, N*(r+1)//W) of that order
+  (disjoint, union = all), shuffled within a buffer of `shuffle_buffer` samples; reader and augmentation
+  RNGs are seeded by (seed, e, r). A run resumed at an epoch boundary therefore needs no loader state.
+- Every rank runs `len(loader) = (N // W) // batch_size` steps; the ranks' leftover samples (fewer than
+  one batch, plus at most one for the uneven split) are dropped for that epoch only.
+- Mid-epoch resume uses DALI checkpointing: `state_dict()` holds (epoch, res, step) and the pipeline's
+  serialized state; `load_state_dict()` + `.epoch(e, res)` rebuilds the epoch's pipeline from it and
+  yields exactly the remaining batches of the uninterrupted run. The state is per rank.
+
+Validation (`ValLoader`): decode -> resize the shorter side to res / crop_ratio -> centre crop res ->
+normalise. Rank r reads the contiguous range [N*r//W, N*(r+1)//W) with the reader's padding of the
+last batch; the padded samples are cut off here, so over all ranks every image is yielded exactly once
+and the last batch of a rank may be short. Ranks may run one batch more or fewer than each other, so
+evaluate with the unwrapped model and all-reduce sums afterwards.
+
+Baseline (`build_baseline_loader`): PyTorch DataLoader workers read samples through the same .idx
+files, decode with PIL and apply RandomResizedCrop + flip + normalise.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from preprocess.manifest import DatasetError, load_manifest, split_shards, split_size
+from preprocess.writer import decode_lbl, read_index
+
+MEAN = (0.485, 0.456, 0.406)  # ImageNet RGB mean, fraction of 255
+STD = (0.229, 0.224, 0.225)
+ASPECT_RANGE = (3 / 4, 4 / 3)  # random-resized-crop width/height range
+SHUFFLE_BUFFER = 4096  # samples DALI holds to shuffle a rank's reads (~450 MB at ImageNet's ~110 KB/image)
+STATE_VERSION = 1
+# nvJPEG scratch sizes (bytes) big enough for any ImageNet image, so the GPU decoder never reallocates.
+NVJPEG_DEVICE_PADDING = 211_025_920
+NVJPEG_HOST_PADDING = 140_544_512
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _dali():
+    """(Pipeline, fn, types) of NVIDIA DALI, or a clear ImportError saying how to get it or what to use instead."""
+    try:
+        from nvidia.dali import Pipeline, fn, types
+    except ImportError as exc:
+        raise ImportError("NVIDIA DALI is not installed: `pip install nvidia-dali-cuda120` (Linux x86-64/aarch64), "
+                          "or use train.data.build_baseline_loader (torchvision DataLoader)") from exc
+    return Pipeline, fn, types
+
+
+def num_classes(data_dir) -> int:
+    return int(load_manifest(data_dir)["num_classes"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sharding and seeds: plain functions of (seed, epoch, rank) so that an epoch can be rebuilt anywhere.
+
+def rank_range(total: int, world_size: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of the samples DALI's reader gives shard `rank` of `world_size` (its own formula)."""
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """The order of the tar files in epoch `epoch`; identical on every rank, so rank ranges stay disjoint."""
+    return np.random.default_rng([seed, epoch]).permutation(num_shards).tolist()
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed (31 bits, what DALI accepts) of a rank's reader shuffle and augmentation in one epoch."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0] & 0x7FFF_FFFF)
+
+
+def shards_in_range(sizes: list[int], start: int, stop: int) -> list[int]:
+    """Positions (in the given order) of the shards holding any of the samples [start, stop)."""
+    hits, first = [], 0
+    for i, size in enumerate(sizes):
+        if first < stop and first + size > start:
+            hits.append(i)
+        first += size
+    return hits
+
+
+# ---------------------------------------------------------------------------------------------------
+# DALI pipeline definitions. The same definitions run on the CPU (device_id=None) and on a GPU.
+
+def _dali_output_type(dtype: torch.dtype):
+    """DALI's output type for a requested torch dtype; bf16 is not a DALI type, it is cast from fp16."""
+    _, _, types = _dali()
+    table = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT16}
+    if dtype not in table:
+        raise ValueError(f"dtype {dtype}: expected torch.float32, torch.float16 or torch.bfloat16")
+    return table[dtype]
+
+
+def _read_webdataset(fn, types, tars, idxs, *, world_size, rank, shuffle_buffer=0, pad_last_batch=False):
+    """jpegs (uint8 bytes) and labels (int64 [1]) of this rank's share of the samples."""
+    return fn.readers.webdataset(
+        paths=[str(t) for t in tars], index_paths=[str(i) for i in idxs], ext=["jpg", "lbl"],
+        dtypes=[types.UINT8, types.INT64], missing_component_behavior="error",
+        num_shards=world_size, shard_id=rank, random_shuffle=shuffle_buffer > 0,
+        initial_fill=max(shuffle_buffer, 1), pad_last_batch=pad_last_batch, stick_to_shard=pad_last_batch,
+        name="reader")
+
+
+def _decoder_args(device_id) -> dict:
+    if device_id is None:
+        return {"device": "cpu"}
+    return {"device": "mixed", "device_memory_padding": NVJPEG_DEVICE_PADDING,
+            "host_memory_padding": NVJPEG_HOST_PADDING}
+
+
+def _normalize(fn, images, dtype, **kwargs):
+    return fn.crop_mirror_normalize(images, dtype=dtype, output_layout="HWC",
+                                    mean=[255 * m for m in MEAN], std=[255 * s for s in STD], **kwargs)
+
+
+def build_train_pipeline(tars, idxs, *, batch_size: int, res: int, world_size: int = 1, rank: int = 0,
+                         seed: int = 0, device_id: int | None = None, num_threads: int = 2,
+                         dtype: torch.dtype = torch.float32, min_area: float = 0.08,
+                         shuffle_buffer: int = SHUFFLE_BUFFER, checkpoint: str | bytes | None = None):
+    """A built, checkpointable training pipeline: outputs (images HWC res x res, labels [B, 1] int64)."""
+    Pipeline, fn, types = _dali()
+    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                    enable_checkpointing=True, checkpoint=checkpoint, exec_dynamic=True)
+    with pipe:
+        jpegs, labels = _read_webdataset(fn, types, tars, idxs, world_size=world_size, rank=rank,
+                                         shuffle_buffer=shuffle_buffer)
+        images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=[min_area, 1.0],
+                                               random_aspect_ratio=list(ASPECT_RANGE), num_attempts=10,
+                                               **_decoder_args(device_id))
+        images = fn.resize(images, resize_x=res, resize_y=res)
+        images = _normalize(fn, images, _dali_output_type(dtype), mirror=fn.random.coin_flip(probability=0.5))
+        pipe.set_outputs(images, labels)
+    pipe.build()
+    return pipe
+
+
+def build_val_pipeline(tars, idxs, *, batch_size: int, res: int, crop_ratio: float = 224 / 256,
+                       world_size: int = 1, rank: int = 0, device_id: int | None = None, num_threads: int = 2,
+                       dtype: torch.dtype = torch.float32):
+    """A built validation pipeline; each pass is ceil(ceil(N / W) / B) batches, padded with the last sample."""
+    Pipeline, fn, types = _dali()
+    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0, exec_dynamic=True)
+    with pipe:
+        jpegs, labels = _read_webdataset(fn, types, tars, idxs, world_size=world_size, rank=rank,
+                                         pad_last_batch=True)
+        images = fn.decoders.image(jpegs, output_type=types.RGB, **_decoder_args(device_id))
+        images = fn.resize(images, resize_shorter=res / crop_ratio)
+        images = _normalize(fn, images, _dali_output_type(dtype), crop=(res, res))
+        pipe.set_outputs(images, labels)
+    pipe.build()
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------------
+# DALI outputs -> torch, and errors -> messages that name the file.
+
+def _sample_keys(images) -> list[str]:
+    """Sample keys (tar member name without extension) from DALI's source info "<tar>:<offset>:<key>.jpg"."""
+    return [images[i].source_info().rsplit(":", 1)[-1].rsplit(".", 1)[0] for i in range(len(images))]
+
+
+def batch_to_torch(images, labels, dtype: torch.dtype, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-copy views of a DALI batch: images [B, 3, H, W] channels_last, labels int64 [B]."""
+    from nvidia.dali.backend import TensorListGPU
+
+    on_gpu = isinstance(images, TensorListGPU)
+    device = torch.device("cuda", images.device_id()) if on_gpu else torch.device("cpu")
+    with torch.cuda.device(device) if on_gpu else contextlib.nullcontext():
+        nhwc = torch.from_dlpack(images.as_tensor())  # DALI's dynamic executor never reuses a held buffer
+    nchw = nhwc.permute(0, 3, 1, 2)
+    if nchw.dtype != dtype:
+        nchw = nchw.to(dtype)  # fp16 -> bf16; keeps the channels_last strides
+    targets = torch.from_dlpack(labels.as_tensor()).view(-1)
+    low, high = torch.aminmax(targets)
+    if low < 0 or high >= classes:
+        raise DatasetError(f"label {int(low) if low < 0 else int(high)} outside 0..{classes - 1} in a batch: "
+                           "a `.lbl` field is damaged or the shards belong to another manifest")
+    return nchw, targets.to(device, non_blocking=True)
+
+
+def _damaged_shards(tars: list[Path], infos: list[dict]) -> list[str]:
+    """The tars whose sha256 differs from the manifest's (read in full: only called after a failure)."""
+    from preprocess.writer import file_sha256
+
+    return [str(t) for t, info in zip(tars, infos) if info.get("sha256") and file_sha256(t) != info["sha256"]]
+
+
+def _pipeline_error(exc: Exception, tars: list[Path], infos: list[dict], split: str) -> DatasetError:
+    """A DatasetError naming the shard(s) that broke a pipeline run, checked against the manifest."""
+    detail = str(exc).strip().splitlines()
+    # DALI's message is a traceback; its last line naming a failure or error is the useful one.
+    reason = next((line for line in reversed(detail) if "failure" in line or "rror" in line),
+                  detail[-1] if detail else "")
+    damaged = _damaged_shards(tars, infos)
+    if damaged:
+        return DatasetError(f"{', '.join(damaged)}: contents differ from manifest.json (sha256); the shard is "
+                            f"damaged, delete it and re-run `python -m preprocess.shard` (DALI: {reason})")
+    checked = "match their manifest checksums" if any(i.get("sha256") for i in infos) else "have no checksums"
+    return DatasetError(f"DALI failed reading split {split!r} from {tars[0].parent} (shards {tars[0].name}.."
+                        f"{tars[-1].name}, which {checked}): {reason}")
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def _check_common(batch_size: int, rank: int, world_size: int, device: str) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size}: must be >= 1")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank}, world_size {world_size}: need 0 <= rank < world_size")
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device {device!r}: expected 'cpu' or 'gpu'")
+
+
+def _resolve_device_id(device: str, device_id: int | None) -> int | None:
+    """DALI's device_id: None runs every operator on the CPU."""
+    if device == "cpu":
+        return None
+    if not torch.cuda.is_available():
+        raise RuntimeError("device='gpu' but torch sees no CUDA device; use device='cpu'")
+    return torch.cuda.current_device() if device_id is None else device_id
+
+
+class TrainLoader:
+    """Training batches of one rank, one DALI pipeline per epoch; see the module docstring for the contract."""
+
+    def __init__(self, data_dir, batch_size, *, rank=0, world_size=1, seed=0, device="cpu", device_id=None,
+                 num_threads=2, dtype=torch.float32, min_area=0.08, split="train", shuffle_buffer=SHUFFLE_BUFFER,
+                 with_keys=False):
+        _check_common(batch_size, rank, world_size, device)
+        if not 0 < min_area <= 1:
+            raise ValueError(f"min_area {min_area}: must be in (0, 1]")
+        _dali_output_type(dtype)
+        manifest = load_manifest(data_dir)
+        self._shards = split_shards(data_dir, split, manifest)
+        self._infos = manifest["splits"][split]["shards"]
+        self._total = split_size(manifest, split)
+        self._classes = int(manifest["num_classes"])
+        self._split = split
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.device_id = _resolve_device_id(device, device_id)
+        self.num_threads, self.dtype, self.min_area = num_threads, dtype, min_area
+        self.shuffle_buffer = min(shuffle_buffer, self._total // world_size)
+        self.with_keys = with_keys
+        if len(self) == 0:
+            raise ValueError(f"batch_size {batch_size} > {self._total // world_size} training images per rank "
+                             f"({self._total} in {split!r} over {world_size} ranks): lower the batch size")
+        self._pipe = None
+        self._epoch, self._res, self._step = -1, 0, 0
+        self._resume: dict | None = None
+
+    def __len__(self) -> int:
+        return self._total // self.world_size // self.batch_size
+
+    def _epoch_shards(self, epoch: int):
+        order = epoch_shard_order(len(self._shards), self.seed, epoch)
+        return [self._shards[i] for i in order], [self._infos[i] for i in order]
+
+    def epoch(self, epoch: int, res: int):
+        """Iterator over the (images, labels) of `epoch` at `res` pixels, continuing a loaded state if any."""
+        if res < 1:
+            raise ValueError(f"res {res}: must be a positive number of pixels")
+        start, checkpoint = self._take_resume(epoch, res)
+        self._epoch, self._res, self._step = epoch, res, start
+        self._pipe = None  # free the previous epoch's buffers before allocating new ones
+        if start == len(self):
+            return iter(())
+        shards, infos = self._epoch_shards(epoch)
+        tars, idxs = [t for t, _ in shards], [i for _, i in shards]
+        try:
+            self._pipe = build_train_pipeline(
+                tars, idxs, batch_size=self.batch_size, res=res, world_size=self.world_size, rank=self.rank,
+                seed=epoch_seed(self.seed, epoch, self.rank), device_id=self.device_id,
+                num_threads=self.num_threads, dtype=self.dtype, min_area=self.min_area,
+                shuffle_buffer=self.shuffle_buffer, checkpoint=checkpoint)
+        except RuntimeError as exc:
+            raise _pipeline_error(exc, tars, infos, self._split) from exc
+        return self._batches(self._pipe, start, tars, infos)
+
+    def _batches(self, pipe, start: int, tars, infos):
+        for step in range(start, len(self)):
+            if self._pipe is not pipe:
+                raise RuntimeError(f"this iterator of epoch {self._epoch} was replaced by a later .epoch() call")
+            try:
+                images, labels = pipe.run()
+            except RuntimeError as exc:
+                share = rank_range(self._total, self.world_size, self.rank)
+                mine = shards_in_range([i["images"] for i in infos], *share)
+                raise _pipeline_error(exc, [tars[i] for i in mine], [infos[i] for i in mine], self._split) from exc
+            self._step = step + 1
+            batch = batch_to_torch(images, labels, self.dtype, self._classes)
+            yield (*batch, _sample_keys(images)) if self.with_keys else batch
+        if self._pipe is pipe:
+            self._pipe = None
+
+    # -- resume --------------------------------------------------------------------------------------
+
+    def _fingerprint(self) -> dict:
+        return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
+                "steps": len(self), "min_area": self.min_area, "shuffle_buffer": self.shuffle_buffer}
+
+    def state_dict(self) -> dict:
+        """Where this rank stands: valid between two batches; plain ints, floats and an ASCII string."""
+        if self._resume is not None:  # loaded but not yet continued: still the same position
+            return dict(self._resume)
+        mid_epoch = self._pipe is not None and 0 < self._step < len(self)
+        checkpoint = base64.b64encode(self._pipe.checkpoint()).decode("ascii") if mid_epoch else ""
+        return {"version": STATE_VERSION, "epoch": self._epoch, "res": self._res, "step": self._step,
+                "dali_checkpoint": checkpoint, **self._fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        expected = self._fingerprint()
+        changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+        if changed and 0 < state["step"] < state["steps"]:
+            raise ValueError("cannot resume mid-epoch with a different loader setup (saved, now): "
+                             + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        self._resume = dict(state)
+
+    def _take_resume(self, epoch: int, res: int) -> tuple[int, bytes | None]:
+        """(first step, DALI checkpoint) for `.epoch(epoch, res)`, consuming a loaded state."""
+        state, self._resume = self._resume, None
+        if state is None or state["step"] == 0 or (state["step"] >= state["steps"] and state["epoch"] != epoch):
+            return 0, None  # nothing loaded, or saved at an epoch boundary
+        if state["epoch"] != epoch:
+            raise ValueError(f"the loaded loader state stopped at step {state['step']} of epoch {state['epoch']}; "
+                             f"call .epoch({state['epoch']}, {state['res']}) to finish it, not .epoch({epoch}, ...)")
+        if state["res"] != res:
+            raise ValueError(f"epoch {epoch} was saved at res {state['res']}, resumed at res {res}: the resolution "
+                             "schedule must give the same value for the same epoch")
+        if state["step"] >= len(self):
+            return len(self), None
+        return state["step"], base64.b64decode(state["dali_checkpoint"])
+
+
+class ValLoader:
+    """This rank's disjoint share of the validation images, each exactly once; see the module docstring."""
+
+    def __init__(self, data_dir, batch_size, *, rank=0, world_size=1, res=224, crop_ratio=224 / 256, device="cpu",
+                 device_id=None, num_threads=2, dtype=torch.float32, split="val", with_keys=False):
+        _check_common(batch_size, rank, world_size, device)
+        if not 0 < crop_ratio <= 1:
+            raise ValueError(f"crop_ratio {crop_ratio}: must be in (0, 1] (crop side / resized shorter side)")
+        _dali_output_type(dtype)
+        manifest = load_manifest(data_dir)
+        self._shards = split_shards(data_dir, split, manifest)
+        self._infos = manifest["splits"][split]["shards"]
+        self._total = split_size(manifest, split)
+        self._classes = int(manifest["num_classes"])
+        self._split = split
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.res, self.crop_ratio, self.dtype, self.num_threads = res, crop_ratio, dtype, num_threads
+        self.device_id = _resolve_device_id(device, device_id)
+        self.with_keys = with_keys
+        self._start, self._stop = rank_range(self._total, world_size, rank)
+        # Every rank's pipeline pads its range to the largest rank's size; a pass is that many batches.
+        self._batches_per_pass = math.ceil(math.ceil(self._total / world_size) / batch_size)
+        self._pipe = None
+        self._unread = 0  # batches left of a pass the caller abandoned
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+    def _pipeline(self):
+        if self._pipe is None:
+            tars, idxs = [t for t, _ in self._shards], [i for _, i in self._shards]
+            try:
+                self._pipe = build_val_pipeline(
+                    tars, idxs, batch_size=self.batch_size, res=self.res, crop_ratio=self.crop_ratio,
+                    world_size=self.world_size, rank=self.rank, device_id=self.device_id,
+                    num_threads=self.num_threads, dtype=self.dtype)
+            except RuntimeError as exc:
+                raise _pipeline_error(exc, tars, self._infos, self._split) from exc
+        return self._pipe
+
+    def _run(self, pipe):
+        try:
+            outputs = pipe.run()
+        except RuntimeError as exc:
+            mine = shards_in_range([i["images"] for i in self._infos], self._start, self._stop)
+            raise _pipeline_error(exc, [self._shards[i][0] for i in mine], [self._infos[i] for i in mine],
+                                  self._split) from exc
+        self._unread -= 1
+        return outputs
+
+    def __iter__(self):
+        if len(self) == 0:
+            return
+        pipe = self._pipeline()
+        while self._unread > 0:  # finish an abandoned pass so that this one starts at the range's first image
+            self._run(pipe)
+        self._unread = self._batches_per_pass
+        for b in range(self._batches_per_pass):
+            images, labels = self._run(pipe)
+            keep = min(self.batch_size, len(self) - b * self.batch_size)  # the rest is padding
+            if keep <= 0:
+                continue
+            batch_images, batch_labels = batch_to_torch(images, labels, self.dtype, self._classes)
+            batch = (batch_images[:keep], batch_labels[:keep])
+            yield (*batch, _sample_keys(images)[:keep]) if self.with_keys else batch
+
+
+# ---------------------------------------------------------------------------------------------------
+# Baseline: torchvision DataLoader over the same shards.
+
+class ShardDataset(torch.utils.data.Dataset):
+    """Random access to (jpeg bytes, label) of tar shards through their DALI index files."""
+
+    def __init__(self, shards: list[tuple[Path, Path]], transform=None):
+        self.tars = [str(tar) for tar, _ in shards]
+        rows = []
+        for t, (tar, idx) in enumerate(shards):
+            for sample in read_index(idx):
+                if "jpg" not in sample or "lbl" not in sample:
+                    raise DatasetError(f"{idx}: a sample lacks a .jpg or .lbl member; "
+                                       "re-run `python -m preprocess.shard`")
+                rows.append((t, *sample["jpg"], sample["lbl"][0]))
+        self.samples = np.array(rows, dtype=np.int64).reshape(-1, 4)  # tar, jpg offset, jpg bytes, lbl offset
+        self.transform = transform
+        self._fds: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _fd(self, tar: int) -> int:
+        # pread() takes no file position, so descriptors inherited by forked workers are safe to share.
+        if tar not in self._fds:
+            self._fds[tar] = os.open(self.tars[tar], os.O_RDONLY)
+        return self._fds[tar]
+
+    def read(self, i: int) -> tuple[bytes, int]:
+        tar, offset, size, lbl_offset = (int(v) for v in self.samples[i])
+        fd = self._fd(tar)
+        jpeg = os.pread(fd, size, offset)
+        label = os.pread(fd, 8, lbl_offset)
+        if len(jpeg) != size or len(label) != 8:
+            raise DatasetError(f"{self.tars[tar]}: sample at byte {offset} is cut short; "
+                               "re-run `python -m preprocess.shard`")
+        return jpeg, decode_lbl(label)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        jpeg, label = self.read(i)
+        try:
+            image = Image.open(io.BytesIO(jpeg))
+            image = image.convert("RGB")  # decodes; raises on damaged data
+        except Exception as exc:  # PIL raises OSError, ValueError or SyntaxError depending on the damage
+            tar, offset = self.tars[int(self.samples[i][0])], int(self.samples[i][1])
+            raise DatasetError(f"{tar}: the JPEG at byte {offset} does not decode ({exc})") from exc
+        return (self.transform(image) if self.transform else image), label
+
+    def __del__(self):
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def baseline_transform(res: int, train: bool, crop_ratio: float = 224 / 256):
+    """torchvision v2 transforms on PIL images: the recipe's train or eval preprocessing -> normalised float32."""
+    from torchvision.transforms import v2
+
+    if train:
+        geometry = [v2.RandomResizedCrop(res, scale=(0.08, 1.0), ratio=ASPECT_RANGE, antialias=True),
+                    v2.RandomHorizontalFlip()]
+    else:
+        geometry = [v2.Resize(round(res / crop_ratio), antialias=True), v2.CenterCrop(res)]
+    return v2.Compose([*geometry, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+
+def build_baseline_loader(data_dir, batch_size, res, *, num_workers, split="train", seed=0, num_samples=None):
+    """A torchvision DataLoader over the shards yielding (images float32 [B,3,res,res], labels int64 [B]).
+
+    Training splits are shuffled (seeded) and drop the last partial batch; `num_samples` draws that many
+    samples per pass (several permutations back to back), which benchmarks use to avoid epoch stalls.
+    """
+    train = split == "train"
+    dataset = ShardDataset(split_shards(data_dir, split), baseline_transform(res, train))
+    sampler = None
+    if train:
+        sampler = torch.utils.data.RandomSampler(dataset, num_samples=num_samples,
+                                                 generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                       drop_last=train, persistent_workers=num_workers > 0)
