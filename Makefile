@@ -6,8 +6,16 @@ BIN    := $(VENV)/bin
 # override on a GPU box whose driver wants another build:  make demo TORCH="torch==X torchvision==Y"
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 DEMO   ?= demo
+# SkyPilot pins click<8.2, which breaks huggingface_hub's CLI: it lives in a venv of its own, used by the
+# tests only to parse deploy/aws/*.yaml with SkyPilot's own loader.
+SKY    ?= .venv-sky
 
 .PHONY: install demo test clean-demo
+
+$(SKY)/bin/.installed:
+	$(PYTHON) -m venv $(SKY)
+	$(SKY)/bin/pip install -q 'skypilot>=0.14'
+	touch $@
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +30,8 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m preprocess.synthetic --out $(DEMO)/parquet
 	HF_HUB_OFFLINE=1 $(BIN)/python -m preprocess.shard --src $(DEMO)/parquet --out $(DEMO)/shards --images-per-shard 250
 
-test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+test: install $(SKY)/bin/.installed
+	HF_HUB_OFFLINE=1 SKYPILOT_PYTHON=$(abspath $(SKY))/bin/python $(BIN)/python -m pytest -q
 
 clean-demo:
 	rm -rf $(DEMO)
