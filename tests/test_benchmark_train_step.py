@@ -1,0 +1,30 @@
+"""benchmarks.train_step: both steps run and land in the "Train step" section; the peak table and FLOP scaling."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import train_step
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                        ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-40GB", 312.0),
+                                        ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0), ("Tesla T4", None)])
+def test_peak_table(name, peak):
+    assert train_step.bf16_peak_tflops(name) == peak
+
+
+def test_flops_scale_with_pixels():
+    assert train_step.train_gflop(224) == pytest.approx(24.6)
+    assert train_step.train_gflop(112) == pytest.approx(24.6 / 4)
+
+
+def test_cpu_run_appends_both_steps(tmp_path, monkeypatch, capsys):
+    target = tmp_path / "BENCHMARKS.md"
+    monkeypatch.setenv("BENCHMARKS_FILE", str(target))
+    assert train_step.main(["--device", "cpu", "--res", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0"]) == 0
+    text = target.read_text()
+    assert "## Train step" in text and "--res 32 --batch-size 2" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ours") or line.startswith("| reference")]
+    assert len(rows) == 2 and all("| 32 | 2 | fp32 |" in row for row in rows)
+    assert "n/a" in rows[0]  # no bf16 peak for a CPU

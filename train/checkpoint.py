@@ -1,0 +1,122 @@
+"""Checkpoint files: atomic writes, `weights_only` loads, RNG capture, and the stop-signal flag.
+
+A checkpoint (RUN_DIR/checkpoints/last.pt, best.pt) is a dict of tensors and plain containers only,
+so `torch.load(path, weights_only=True)` reads it:
+  format        int, CHECKPOINT_FORMAT
+  epoch, step   0-based epoch in progress and optimizer steps already done in it (step 0: epoch start)
+  global_step   optimizer steps done since the start of training
+  world_size    processes that wrote it (a mid-epoch data position only maps onto the same count)
+  model         torchvision state_dict (the un-wrapped, un-compiled module)
+  optimizer, scaler, ema (or None)
+  ranks         per rank: {"data": loader.state_dict(), "rng": capture_rng(), "meter": {...}}
+  best_top1     best validation top-1 so far (-1.0 before the first validation)
+  history       the metrics.jsonl records so far (the file is rewritten from this on resume)
+  config        the resolved config as a nested dict
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINT_FORMAT = 1
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    tmp = Path(dst).with_name(f".{Path(dst).name}.tmp{os.getpid()}")
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(Path(dst).parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def capture_rng(device: torch.device) -> dict:
+    """Every RNG this process might draw from, as tensors and ints (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": {"version": py_state[0], "state": torch.tensor(py_state[1], dtype=torch.int64),
+                   "gauss": py_state[2]},
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class StopSignals:
+    """Turns SIGTERM / SIGUSR1 into a flag the training loop polls at step boundaries.
+
+    Use as a context manager; the previous handlers come back on exit.
+    """
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __enter__(self) -> "StopSignals":
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else ""

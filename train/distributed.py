@@ -1,0 +1,96 @@
+"""torch.distributed set-up from torchrun's environment, and the few collectives the trainer uses.
+
+Without torchrun (no WORLD_SIZE in the environment) everything runs in one process and the
+collectives below are no-ops, so the same code path serves one GPU, the CPU demo and the tests.
+Backend: NCCL on CUDA, gloo on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_rank() -> int:
+    """This process's rank before any process group exists (0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def pick_device(preference: str) -> str:
+    """'cuda' or 'cpu' for a config value of auto/cuda/cpu; raises ValueError if cuda is asked for but absent."""
+    if preference == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device=cuda but torch sees no CUDA device (use --run.device=cpu or auto)")
+    return preference
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = env_rank()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                device_id=device if device_type == "cuda" else None)
+    return DistInfo(rank, world_size, local_rank, local_world_size, device)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place sum or max over ranks."""
+    if _active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor
+
+
+def all_gather_object(obj) -> list:
+    """One picklable object per rank, in rank order."""
+    if not _active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()

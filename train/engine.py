@@ -1,0 +1,175 @@
+"""One training step, one training epoch, one evaluation: plain functions over a model and batches.
+
+Nothing here reads the whole config or knows about processes beyond `distributed.all_reduce_`;
+`train.main` wires these to the loaders, the schedule and the checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from train import distributed
+
+
+def pick_precision(preference: str, device_type: str) -> torch.dtype | None:
+    """The autocast dtype (None: plain fp32). auto: bf16 on GPUs that have it, else fp16; fp32 on CPU."""
+    if preference == "fp32" or (preference == "auto" and device_type == "cpu"):
+        return None
+    if preference == "fp16":
+        if device_type == "cpu":
+            raise ValueError("run.precision=fp16 needs a GPU (use fp32 or bf16 on the CPU)")
+        return torch.float16
+    if preference == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device_type: str, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=amp_dtype)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
+               criterion: nn.Module, scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """Forward, backward, optimizer step; returns the (detached) loss without a device sync."""
+    with autocast(images.device.type, amp_dtype):
+        loss = criterion(model(images), labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
+class TrainMeter:
+    """Running loss of an epoch on the device (read only at sync points) plus host-side counts.
+
+    `first_bad` is the first global step whose loss was not finite, -1 while all were.
+    """
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.steps = 0
+        self.images = 0
+        self.seconds = 0.0  # training time, checkpoint writes excluded
+
+    def add(self, loss: torch.Tensor, global_step: int, images: int) -> None:
+        self.loss_sum += loss.double()
+        self.first_bad.masked_fill_(~torch.isfinite(loss) & (self.first_bad < 0), global_step)
+        self.steps += 1
+        self.images += images
+
+    def state_dict(self) -> dict:
+        return {"loss_sum": float(self.loss_sum.item()), "first_bad": int(self.first_bad.item()),
+                "steps": self.steps, "images": self.images, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss_sum.fill_(state["loss_sum"])
+        self.first_bad.fill_(state["first_bad"])
+        self.steps, self.images, self.seconds = int(state["steps"]), int(state["images"]), float(state["seconds"])
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, *,
+                    criterion: nn.Module, scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None,
+                    device: torch.device, lr_at_step: Callable[[int], float], first_global_step: int,
+                    meter: TrainMeter, ema=None, after_step: Callable[[int], bool] | None = None) -> bool:
+    """Train on `batches`; step k (0-based, counted here) uses lr_at_step(first_global_step + k).
+
+    `after_step(steps_done_here)` runs after every optimizer step; when it returns True the epoch
+    stops early and this returns True. The caller bounds `batches` to the steps still to do.
+    """
+    model.train()
+    start = time.perf_counter()
+    for k, (images, labels) in enumerate(batches):
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        global_step = first_global_step + k
+        set_lr(optimizer, lr_at_step(global_step))
+        loss = train_step(model, images, labels, optimizer, criterion, scaler, amp_dtype)
+        if ema is not None:
+            ema.update()
+        meter.add(loss, global_step, images.shape[0])
+        if after_step is not None:
+            meter.seconds += time.perf_counter() - start
+            stop = after_step(k + 1)
+            start = time.perf_counter()  # checkpoint writes in after_step are not training time
+            if stop:
+                return True
+    meter.seconds += time.perf_counter() - start
+    return False
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, *, device: torch.device, amp_dtype: torch.dtype | None,
+             flip_tta: bool) -> dict:
+    """Top-1/top-5 over all ranks' batches: correct counts and image counts are summed, so under DDP
+    (each rank seeing a disjoint share) every validation image counts exactly once."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.int64, device=device)  # top-1 correct, top-5 correct, images
+    for images, labels in batches:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with autocast(device.type, amp_dtype):
+            logits = model(images).float()
+            if flip_tta:
+                logits = logits + model(torch.flip(images, dims=[3])).float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == labels[:, None]
+        totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(labels.numel(), device=device)])
+    distributed.all_reduce_(totals)
+    correct1, correct5, count = totals.tolist()
+    return {"top1": correct1 / max(count, 1), "top5": correct5 / max(count, 1), "images": count}
+
+
+class MetricsLog:
+    """RUN_DIR/metrics.jsonl (one JSON object per epoch) and, when available, TensorBoard scalars.
+
+    On resume the file is rewritten from the checkpoint's history, so an epoch that finished after
+    the last checkpoint is not listed twice; TensorBoard events past `first_step` are purged.
+    """
+
+    def __init__(self, run_dir: Path, history: list[dict], *, tensorboard: bool, first_step: int):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        tmp = self.path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+        os.replace(tmp, self.path)
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                pass
+            else:
+                self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=first_step)
+
+    def append(self, record: dict, global_step: int) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"epoch/{key}", value, global_step)
+            self.writer.flush()
+
+    def scalar(self, tag: str, value: float, global_step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, global_step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,440 @@
+"""Train a ResNet-50 on WebDataset shards: `python -m train.main` or `torchrun --nproc_per_node=N -m train.main`.
+
+    python -m train.main --data SHARDS --out RUN_DIR [--config rn50|smoke|file.yaml] [--section.key=value ...]
+
+Outputs in RUN_DIR: config.yaml (the resolved config), metrics.jsonl (one line per epoch), tensorboard/,
+checkpoints/last.pt (every epoch end, every checkpoint.every_minutes / every_steps, and on SIGTERM/SIGUSR1),
+checkpoints/best.pt (best top-1) and, at the end, model_final.pth: a plain torchvision state_dict
+(`torchvision.models.resnet50(num_classes=N).load_state_dict(torch.load(path))`).
+Re-running the same command on the same RUN_DIR resumes from checkpoints/last.pt.
+
+Exit status: 0 finished; 2 bad command line, config or data folder (one line on stderr);
+3 the loss became NaN/inf (the message names the step and the last good checkpoint);
+75 (EX_TEMPFAIL, "resume me") stopped by SIGTERM or SIGUSR1 after saving last.pt: run the same command
+again. Under torchrun, torchrun itself reports any non-zero worker status as a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from preprocess.manifest import DatasetError, load_manifest, split_shards
+from train import checkpoint, config, distributed, engine, schedule
+from train.config import Config, ConfigError
+from train.model import ModelEma, build_model, build_optimizer, plain_state_dict
+
+EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_RESUME = 0, 2, 3, 75
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise ConfigError(message)
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The fixed flags, plus `section.key=value` strings from every `--section.key[=]value`."""
+    parser = _Parser(prog="python -m train.main", allow_abbrev=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     description=__doc__.split("\n\n", 2)[1].strip(),
+                     epilog="config keys (default shown; a preset overrides some):\n" + config.describe())
+    parser.add_argument("--data", required=True, type=Path, help="shard folder written by `python -m preprocess.shard`")
+    parser.add_argument("--out", required=True, type=Path, help="run folder (created; an existing one is resumed)")
+    parser.add_argument("--config", default="rn50", help=f"preset ({', '.join(config.presets())}) or a YAML file")
+    args, rest = parser.parse_known_args(argv)
+    overrides, i = [], 0
+    while i < len(rest):
+        token = rest[i]
+        if not token.startswith("--") or "." not in token.split("=", 1)[0]:
+            raise ConfigError(f"unrecognized argument {token!r} (config overrides look like --optim.lr_per_256=0.2)")
+        if "=" in token:
+            overrides.append(token[2:])
+        elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            overrides.append(f"{token[2:]}={rest[i + 1]}")
+            i += 1
+        else:
+            raise ConfigError(f"{token}: missing value (write {token}=VALUE)")
+        i += 1
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, overrides = parse_args(argv)
+        cfg = config.resolve(args.config, overrides)
+        device_type = distributed.pick_device(cfg.run.device)
+        amp_dtype = engine.pick_precision(cfg.run.precision, device_type)
+        manifest = load_manifest(args.data)
+        split_shards(args.data, "train", manifest)
+        split_shards(args.data, "val", manifest)
+    except (ConfigError, DatasetError, ValueError) as exc:
+        if distributed.env_rank() == 0:
+            print(f"train.main: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    run = Training(cfg, args.data, args.out, int(manifest["num_classes"]), device_type, amp_dtype)
+    return run.execute()
+
+
+class Training:
+    """The wiring of one run: processes, model, optimizer, loaders, checkpoints and the epoch loop."""
+
+    def __init__(self, cfg: Config, data_dir: Path, run_dir: Path, num_classes: int, device_type: str,
+                 amp_dtype: torch.dtype | None):
+        self.cfg, self.data_dir, self.run_dir = cfg, Path(data_dir), Path(run_dir)
+        self.num_classes, self.device_type, self.amp_dtype = num_classes, device_type, amp_dtype
+        self.last_path = self.run_dir / "checkpoints" / "last.pt"
+        self.best_path = self.run_dir / "checkpoints" / "best.pt"
+
+    def execute(self) -> int:
+        self.dist = distributed.init_distributed(self.device_type)
+        try:
+            with checkpoint.StopSignals() as self.signals:
+                self.setup()
+                return self.fit()
+        except (ConfigError, DatasetError) as exc:
+            if self.dist.is_main:
+                print(f"train.main: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except NonFiniteLoss as exc:
+            if self.dist.is_main:
+                print(f"train.main: error: {exc}", file=sys.stderr)
+            return EXIT_DIVERGED
+        finally:
+            distributed.shutdown()
+
+    # -- set-up ----------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg, dist = self.cfg, self.dist
+        configure_runtime(cfg.run, dist.local_world_size)
+        self.device = dist.device
+        self.global_batch = cfg.data.batch_size * dist.world_size
+        self.peak_lr = schedule.peak_lr(cfg.optim.lr_per_256, self.global_batch)
+        memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        self.model = build_model(cfg.model, self.num_classes).to(self.device, memory_format=memory_format)
+        self.ema = ModelEma(self.model, cfg.ema.decay) if cfg.ema.enabled else None
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr)
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.amp_dtype == torch.float16)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        loader_device = {"device": "gpu" if self.device_type == "cuda" else "cpu",
+                         "device_id": dist.local_rank if self.device_type == "cuda" else None,
+                         "num_threads": cfg.data.num_threads, "dtype": self.amp_dtype or torch.float32,
+                         "rank": dist.rank, "world_size": dist.world_size}
+        from train import data  # DALI is imported here, not when this module is imported
+
+        try:
+            self.train_loader = data.TrainLoader(self.data_dir, cfg.data.batch_size, seed=cfg.run.seed,
+                                                 min_area=cfg.data.min_area, **loader_device)
+            self.val_loader = data.ValLoader(self.data_dir, cfg.val.batch_size, res=cfg.val.res,
+                                             crop_ratio=cfg.val.crop_ratio, **loader_device)
+        except ValueError as exc:  # e.g. a batch larger than a rank's share of the images
+            raise ConfigError(str(exc)) from exc
+        self.steps_per_epoch = len(self.train_loader)
+        self.meter = engine.TrainMeter(self.device)
+        self.epoch, self.step, self.global_step = 0, 0, 0
+        self.best_top1, self.history = -1.0, []
+        self.last_saved, self.saved_at = "none yet", None
+        self.resume()
+        self.train_model = self.model
+        if dist.world_size > 1:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[dist.local_rank] if self.device_type == "cuda" else None)
+        if cfg.model.compile:
+            self.train_model = torch.compile(self.train_model)
+        if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            header = (f"resolved config of this run; global batch {self.global_batch} on {dist.world_size} "
+                      f"process(es), peak lr {self.peak_lr:g}\ndata: {self.data_dir.resolve()}")
+            write_text_atomic(self.run_dir / "config.yaml", config.dump_yaml(cfg, header))
+            self.log = engine.MetricsLog(self.run_dir, self.history, tensorboard=cfg.run.tensorboard,
+                                         first_step=self.global_step)
+        self.last_save_time = time.monotonic()
+
+    def resume(self) -> None:
+        if not self.last_path.is_file():
+            return
+        state = checkpoint.load(self.last_path)
+        if state.get("format") != checkpoint.CHECKPOINT_FORMAT:
+            raise ConfigError(f"{self.last_path}: checkpoint format {state.get('format')!r}, "
+                              f"expected {checkpoint.CHECKPOINT_FORMAT}")
+        self.say_config_changes(state["config"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:  # another architecture or class count
+            raise ConfigError(f"{self.last_path}: does not fit this model ({str(exc).splitlines()[-1].strip()}); "
+                              "use a new --out folder") from exc
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if state["ema"] is not None:
+                self.ema.load_state_dict(state["ema"])
+            else:  # EMA switched on for a resumed run: start it from the loaded weights
+                self.ema = ModelEma(self.model, self.cfg.ema.decay)
+        self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
+        self.best_top1, self.history = state["best_top1"], list(state["history"])
+        if state["world_size"] == self.dist.world_size:
+            mine = state["ranks"][self.dist.rank]
+            try:
+                self.train_loader.load_state_dict(mine["data"])
+            except ValueError as exc:
+                raise ConfigError(f"{self.last_path}: {exc}") from exc
+            checkpoint.restore_rng(mine["rng"], self.device)
+            self.meter.load_state_dict(mine["meter"])
+        elif self.step > 0:
+            self.say(f"warning: {self.last_path} was written by {state['world_size']} processes, this run has "
+                     f"{self.dist.world_size}: epoch {self.epoch + 1} restarts from its first step")
+            self.step = 0
+            self.global_step = self.epoch * self.steps_per_epoch
+        self.last_saved = f"{self.last_path} (epoch {self.epoch + 1}, step {self.step})"
+        self.saved_at = (self.epoch, self.step)
+        self.say(f"resuming from {self.last_saved}")
+
+    def say_config_changes(self, stored: dict) -> None:
+        for line in config.differences(stored, self.cfg):
+            self.say(f"warning: config changed since the checkpoint: {line}")
+
+    # -- the loop --------------------------------------------------------------------------------------
+
+    def fit(self) -> int:
+        cfg = self.cfg.schedule
+        for epoch in range(self.epoch, cfg.epochs):
+            if self.stop_requested():
+                return self.stop()
+            self.epoch = epoch
+            res = schedule.res_at(epoch, epochs=cfg.epochs, res_min=cfg.res_min, res_max=cfg.res_max,
+                                  ramp_start=cfg.res_ramp_start, ramp_end=cfg.res_ramp_end,
+                                  multiple=cfg.res_multiple)
+            if self.train_epoch(epoch, res):
+                return self.stop()
+            self.finish_epoch(epoch, res)
+        return self.finish()
+
+    def train_epoch(self, epoch: int, res: int) -> bool:
+        """One epoch (or its remainder after a resume); True if a stop signal ended it early."""
+        self.say(f"epoch {epoch + 1}/{self.cfg.schedule.epochs}: res {res} px, {self.steps_per_epoch} steps of "
+                 f"{self.global_batch} images" + (f", resuming at step {self.step}" if self.step else ""))
+        batches = self.train_loader.epoch(epoch, res)
+        self.bar = None
+        if self.dist.is_main:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.steps_per_epoch, initial=self.step, desc=f"epoch {epoch + 1}", unit="step",
+                            dynamic_ncols=True, leave=False, file=sys.stderr,
+                            mininterval=0.5 if sys.stderr.isatty() else 30)  # logs: a line per 30 s
+        self.res = res
+        self.session_start = (self.meter.steps, self.meter.seconds)
+        first_step = self.step
+        try:
+            return engine.train_one_epoch(
+                self.train_model, batches, self.optimizer, criterion=self.criterion, scaler=self.scaler,
+                amp_dtype=self.amp_dtype, device=self.device, lr_at_step=self.lr_at,
+                first_global_step=self.global_step, meter=self.meter, ema=self.ema,
+                after_step=lambda k: self.after_step(first_step + k))
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+
+    def after_step(self, step: int) -> bool:
+        """Runs after every optimizer step (`step` = steps done in this epoch); True stops the epoch."""
+        self.step, self.global_step = step, self.global_step + 1
+        if self.bar is not None:
+            self.bar.update(1)
+        ck, world = self.cfg.checkpoint, self.dist.world_size
+        stop_wanted = self.signals.received is not None
+        time_due = ck.every_minutes > 0 and time.monotonic() - self.last_save_time >= 60 * ck.every_minutes
+        step_due = ck.every_steps > 0 and self.global_step % ck.every_steps == 0
+        sync = step % self.cfg.run.sync_every == 0 or step == self.steps_per_epoch or step_due
+        if world == 1:
+            sync = sync or stop_wanted or time_due  # no other rank to agree with: act at once
+        if not sync:
+            return False
+        local = torch.stack([self.meter.loss_sum, self.meter.first_bad.double()]).tolist()
+        big = float(2**52)  # all-reduce MAX of (big - first bad step) picks the earliest bad step of any rank
+        flags = torch.tensor([stop_wanted, time_due and self.dist.is_main, big - local[1] if local[1] >= 0 else 0],
+                             dtype=torch.float64, device=self.device)
+        stop, time_due, bad = distributed.all_reduce_(flags, op="max").tolist()
+        if bad:
+            self.diverged(int(big - bad), local[0])
+        self.progress(local[0])
+        if self.dist.is_main and self.meter.steps:
+            self.log.scalar("train/loss_running", local[0] / self.meter.steps, self.global_step)
+            self.log.scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.global_step)
+        if stop:
+            return True  # stop() saves
+        if (time_due or step_due) and step < self.steps_per_epoch:  # the epoch end saves anyway
+            self.save(self.last_path)
+        return False
+
+    def lr_at(self, global_step: int) -> float:
+        s = self.cfg.schedule
+        return schedule.lr_at(global_step, steps_per_epoch=self.steps_per_epoch, peak=self.peak_lr,
+                              warmup_epochs=s.warmup_epochs, epochs=s.epochs, start_factor=s.warmup_start_factor)
+
+    def diverged(self, bad_step: int, loss_sum: float):
+        epoch, step = divmod(bad_step, self.steps_per_epoch)
+        raise NonFiniteLoss(
+            f"non-finite loss ({loss_sum}) at optimizer step {bad_step} (epoch {epoch + 1}, step {step + 1}/"
+            f"{self.steps_per_epoch}, lr {self.lr_at(bad_step):.4g}); "
+            f"last good checkpoint: {self.last_saved}; hint: lower --optim.lr_per_256 or raise "
+            f"--schedule.warmup_epochs, try --run.precision=fp32 to rule out overflow, then re-run the same "
+            f"command to resume from that checkpoint")
+
+    def progress(self, loss_sum: float) -> None:
+        if self.bar is None or self.meter.steps == 0:
+            return
+        steps0, seconds0 = self.session_start
+        done_here = self.meter.steps - steps0
+        rate = done_here / max(self.meter.seconds - seconds0, 1e-9) if done_here else 0.0  # steps/s, this session
+        remaining = self.cfg.schedule.epochs * self.steps_per_epoch - self.global_step
+        self.bar.set_postfix_str(
+            f"loss {loss_sum / self.meter.steps:.3f}, {rate * self.global_batch:.0f} img/s, "
+            f"lr {self.optimizer.param_groups[0]['lr']:.3g}, res {self.res}, "
+            f"run ETA {format_seconds(remaining / rate) if rate else '?'}", refresh=False)
+
+    def finish_epoch(self, epoch: int, res: int) -> None:
+        totals = torch.tensor([self.meter.loss_sum.item(), self.meter.steps, self.meter.images],
+                              dtype=torch.float64, device=self.device)
+        loss_sum, steps, images = distributed.all_reduce_(totals).tolist()
+        train_seconds = self.meter.seconds
+        record = {"epoch": epoch + 1, "step": self.global_step, "train_loss": loss_sum / max(steps, 1)}
+        last = epoch + 1 == self.cfg.schedule.epochs
+        if last or (epoch + 1) % self.cfg.val.every_epochs == 0:
+            start = time.perf_counter()
+            record.update(self.validate())
+            record["eval_seconds"] = round(time.perf_counter() - start, 3)
+        record.update({"lr": self.optimizer.param_groups[0]["lr"], "resolution": res,
+                       "images_per_s": round(images / max(train_seconds, 1e-9), 1),
+                       "seconds": round(train_seconds, 3)})
+        self.history.append(record)
+        improved = record.get("top1", -1.0) > self.best_top1
+        if improved:
+            self.best_top1 = record["top1"]
+        self.epoch, self.step = epoch + 1, 0
+        self.meter = engine.TrainMeter(self.device)
+        self.save(self.last_path)
+        if self.dist.is_main:
+            if improved:
+                checkpoint.copy_atomic(self.last_path, self.best_path)
+            self.log.append(record, self.global_step)
+            top = (f"top-1 {100 * record['top1']:.2f}%, top-5 {100 * record['top5']:.2f}% "
+                   f"({record['val_images']} images), ") if "top1" in record else ""
+            self.say(f"epoch {epoch + 1}/{self.cfg.schedule.epochs}: train loss {record['train_loss']:.4f}, {top}"
+                     f"{record['images_per_s']:.0f} img/s, {record['seconds']:.1f} s")
+
+    def validate(self) -> dict:
+        flip = self.cfg.val.flip_tta
+        evaluated = self.ema.module if self.ema is not None else self.model
+        result = engine.evaluate(evaluated, self.val_loader, device=self.device, amp_dtype=self.amp_dtype,
+                                 flip_tta=flip)
+        record = {"top1": result["top1"], "top5": result["top5"], "val_images": result["images"]}
+        if self.ema is not None:
+            raw = engine.evaluate(self.model, self.val_loader, device=self.device, amp_dtype=self.amp_dtype,
+                                  flip_tta=flip)
+            record["top1_raw"] = raw["top1"]
+        return record
+
+    def finish(self) -> int:
+        if self.dist.is_main:
+            final = self.ema.module if self.ema is not None else self.model
+            path = self.run_dir / "model_final.pth"
+            checkpoint.save_atomic(plain_state_dict(final), path)
+            self.log.close()
+            evaluated = [r for r in self.history if "top1" in r]
+            if evaluated:
+                r = evaluated[-1]
+                self.say(f"final top-1: {100 * r['top1']:.2f}% (top-5 {100 * r['top5']:.2f}%, "
+                         f"{r['val_images']} val images, epoch {r['epoch']}); weights: {path}")
+        distributed.barrier()
+        return EXIT_OK
+
+    def stop_requested(self) -> bool:
+        """Collective: did any rank get SIGTERM/SIGUSR1?"""
+        flag = torch.tensor([self.signals.received is not None], dtype=torch.float64, device=self.device)
+        return bool(distributed.all_reduce_(flag, op="max").item())
+
+    def stop(self) -> int:
+        if self.saved_at != (self.epoch, self.step):  # e.g. a signal during validation: last.pt is current
+            self.save(self.last_path)
+        self.say(f"stopped by {self.signals.name or 'a signal to another rank'}: {self.last_saved}; "
+                 f"run the same command to resume (exit {EXIT_RESUME})")
+        if self.dist.is_main:
+            self.log.close()
+        return EXIT_RESUME
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        """Collective: every rank contributes its loader position and RNG; rank 0 writes the file."""
+        mine = {"data": self.train_loader.state_dict(), "rng": checkpoint.capture_rng(self.device),
+                "meter": self.meter.state_dict()}
+        ranks = distributed.all_gather_object(mine)
+        if self.dist.is_main:
+            state = {
+                "format": checkpoint.CHECKPOINT_FORMAT, "epoch": self.epoch, "step": self.step,
+                "global_step": self.global_step, "world_size": self.dist.world_size,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "ranks": ranks, "best_top1": self.best_top1, "history": self.history,
+                "config": config.to_dict(self.cfg),
+            }
+            checkpoint.save_atomic(state, path)
+        self.last_saved = f"{path} (epoch {self.epoch + 1}, step {self.step})"
+        self.saved_at = (self.epoch, self.step)
+        self.last_save_time = time.monotonic()
+        self.say(f"checkpoint: {self.last_saved}")
+        distributed.barrier()  # nobody exits before the file is in place
+
+    def say(self, message: str) -> None:
+        if self.dist.is_main:
+            if getattr(self, "bar", None) is not None:
+                self.bar.write(message, file=sys.stdout)
+            else:
+                print(message, flush=True)
+            sys.stdout.flush()
+
+
+def configure_runtime(run: config.RunConfig, local_processes: int) -> None:
+    """Seeds, CPU threads and determinism switches; called once per process before the model exists."""
+    torch.manual_seed(run.seed)
+    np.random.seed(run.seed)
+    random.seed(run.seed)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(run.threads or max(1, cores // local_processes))
+    torch.backends.cudnn.benchmark = not run.deterministic
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast: TF32 is enough
+    torch.backends.cudnn.allow_tf32 = True
+    if run.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, sec = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{sec:02d}" if hours else f"{minutes}:{sec:02d}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

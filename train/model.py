@@ -1,0 +1,108 @@
+"""The network: torchvision ResNet-50 (optionally with BlurPool), its optimizer and a weight EMA.
+
+Whatever options are on, `model.state_dict()` has exactly torchvision's keys and shapes, so a
+checkpoint's weights load with `torchvision.models.resnet50(num_classes=N).load_state_dict(sd)`:
+BlurPool replaces a strided conv by a subclass with the same parameters and keeps its filter in a
+non-persistent buffer.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from train.config import ModelConfig, OptimConfig
+
+ARCHS = {"resnet50": torchvision.models.resnet50, "resnet18": torchvision.models.resnet18}
+
+
+class BlurConv2d(nn.Conv2d):
+    """A strided conv preceded by a fixed 3x3 binomial low-pass (anti-aliasing, Zhang 2019; FFCV's BlurPool).
+
+    Same parameters and state_dict as the `nn.Conv2d` it replaces; the filter is not saved.
+    """
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "BlurConv2d":
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                  conv.dilation, conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                  device=conv.weight.device, dtype=conv.weight.dtype)
+        new.weight = conv.weight
+        new.bias = conv.bias
+        return new
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        taps = torch.tensor([1.0, 2.0, 1.0])
+        kernel = (taps[:, None] * taps[None, :]) / 16  # sums to 1: keeps the mean brightness
+        self.register_buffer("blur_kernel", kernel.expand(self.in_channels, 1, 3, 3).clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.conv2d(x, self.blur_kernel.to(x.dtype), padding=1, groups=self.in_channels)
+        return super().forward(x)
+
+
+def add_blurpool(model: nn.Module) -> int:
+    """Swap every conv with stride > 1 and >= 16 input channels (not the RGB stem) for a BlurConv2d."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Conv2d and max(child.stride) > 1 and child.in_channels >= 16:
+                setattr(parent, name, BlurConv2d.from_conv(child))
+                swapped += 1
+    return swapped
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    model = ARCHS[cfg.arch](weights=None, num_classes=num_classes, zero_init_residual=cfg.zero_init_residual)
+    if cfg.blurpool:
+        add_blurpool(model)
+    return model
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.SGD:
+    """SGD with momentum; weight decay only on conv/linear weights (not BatchNorm, not biases)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The torchvision state_dict on CPU, contiguous (NCHW) tensors."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+
+
+class ModelEma:
+    """Exponential moving average of the weights (buffers such as BN statistics are copied).
+
+    The decay ramps up as (1 + n) / (10 + n) over the first updates so early averages are not
+    dominated by the random init.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.source = model  # the un-wrapped model being trained (not a DDP or compiled wrapper)
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(list(self.module.parameters()), list(self.source.parameters()), 1 - decay)
+        for ema_buf, buf in zip(self.module.buffers(), self.source.buffers()):
+            ema_buf.copy_(buf)
+
+    def state_dict(self) -> dict:
+        return {"model": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
