@@ -37,7 +37,7 @@ def test_overrides_are_cast_and_last():
 
 
 @pytest.mark.parametrize("override, fragment", [
-    ("optim.lr=1.7", "unknown config key 'optim.lr' (did you mean 'optim.lr_per_256'?)"),
+    ("optim.lr_per256=1.7", "unknown config key 'optim.lr_per256' (did you mean 'optim.lr_per_256'?)"),
     ("optimizer.lr_per_256=1", "unknown config section 'optimizer'"),
     ("model.blurpool=1", "expected a boolean"),
     ("data.batch_size=3.5", "expected an integer"),
@@ -76,7 +76,7 @@ def test_unknown_preset():
 
 def test_cli_rejects_unknown_override_with_one_line_and_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "train.main", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
-                           "--optim.lr=1.7"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           "--optim.lr_per256=1.7"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "optim.lr_per_256" in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists()

@@ -12,6 +12,14 @@ def test_peak_lr_scales_with_global_batch():
     assert peak_lr(0.10625, 512) == pytest.approx(1.7 / 8)
 
 
+def test_absolute_peak_lr_wins_over_the_per_256_rate():
+    from train.config import resolve
+
+    cfg = resolve("rn50", ["optim.lr=1.7"])
+    assert peak_lr(cfg.optim.lr_per_256, 1024, cfg.optim.lr) == 1.7
+    assert peak_lr(cfg.optim.lr_per_256, 1024, resolve("rn50").optim.lr) == pytest.approx(0.425)
+
+
 @pytest.mark.parametrize("warmup", [0.0, 2.0, 0.5])
 def test_lr_end_points(warmup):
     spe, epochs, peak = 100, 16, 1.7

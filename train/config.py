@@ -61,6 +61,8 @@ class OptimConfig:
     lr_per_256: float = _opt(0.10625, "peak learning rate per 256 images of global batch "
                              "(peak lr = lr_per_256 x global_batch / 256; 0.10625 gives FFCV's 1.7 at 4096)",
                              check=_POSITIVE)
+    lr: float = _opt(0.0, "peak learning rate for the whole global batch, as FFCV states it (1.7 at 4096); "
+                     "when > 0 it replaces lr_per_256", check=_NON_NEGATIVE)
     momentum: float = _opt(0.9, "SGD momentum", check=("in [0, 1)", lambda v: 0 <= v < 1))
     weight_decay: float = _opt(1e-4, "L2 weight decay; never applied to BatchNorm parameters or biases",
                                check=_NON_NEGATIVE)

@@ -122,7 +122,7 @@ class Training:
         configure_runtime(cfg.run, dist.local_world_size)
         self.device = dist.device
         self.global_batch = cfg.data.batch_size * dist.world_size
-        self.peak_lr = schedule.peak_lr(cfg.optim.lr_per_256, self.global_batch)
+        self.peak_lr = schedule.peak_lr(cfg.optim.lr_per_256, self.global_batch, cfg.optim.lr)
         memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.model = build_model(cfg.model, self.num_classes).to(self.device, memory_format=memory_format)
         self.ema = ModelEma(self.model, cfg.ema.decay) if cfg.ema.enabled else None

@@ -11,9 +11,10 @@ start_ramp 65, end_ramp 76; 16 epochs: 11 and 13.
 from __future__ import annotations
 
 
-def peak_lr(lr_per_256: float, global_batch: int) -> float:
-    """Linear scaling rule: the LR is given per 256 images of global batch."""
-    return lr_per_256 * global_batch / 256
+def peak_lr(lr_per_256: float, global_batch: int, absolute: float = 0.0) -> float:
+    """Linear scaling rule: the LR is given per 256 images of global batch, unless an absolute
+    peak (> 0, for the whole global batch) is given, which wins."""
+    return absolute if absolute > 0 else lr_per_256 * global_batch / 256
 
 
 def lr_at(step: int, *, steps_per_epoch: int, peak: float, warmup_epochs: float, epochs: int,
