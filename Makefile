@@ -25,10 +25,15 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 
 install: $(BIN)/.installed
 
-# Synthetic ImageNet-schema parquet -> WebDataset shards -> ResNet-50 training on the CPU -> top-1.
+# Synthetic ImageNet-schema parquet -> WebDataset shards -> ResNet-50 training on the CPU (a few minutes on
+# 2 cores) -> top-1 -> Grad-CAM grid of the most confident mistakes + training curves. Re-running resumes.
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m preprocess.synthetic --out $(DEMO)/parquet
 	HF_HUB_OFFLINE=1 $(BIN)/python -m preprocess.shard --src $(DEMO)/parquet --out $(DEMO)/shards --images-per-shard 250
+	$(BIN)/python -m train.main --data $(DEMO)/shards --out $(DEMO)/run --config smoke
+	$(BIN)/python -m viz.gradcam --checkpoint $(DEMO)/run/checkpoints/best.pt --data $(DEMO)/shards \
+		--output $(DEMO)/gradcam.png --num-show 6
+	$(BIN)/python -m viz.plots $(DEMO)/run --output $(DEMO)/curves.png
 
 test: install $(SKY)/bin/.installed
 	HF_HUB_OFFLINE=1 SKYPILOT_PYTHON=$(abspath $(SKY))/bin/python $(BIN)/python -m pytest -q
