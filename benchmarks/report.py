@@ -26,7 +26,9 @@ def git_commit(repo: Path = REPO) -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
                               check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo,
+        # The benchmarks file itself does not count: a second benchmark run right after a first would
+        # otherwise always report a dirty tree.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", f":!{DEFAULT_PATH.relative_to(REPO)}"], cwd=repo,
                                capture_output=True, text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
