@@ -247,6 +247,13 @@ def _resolve_device_id(device: str, device_id: int | None) -> int | None:
     return torch.cuda.current_device() if device_id is None else device_id
 
 
+def _open_split(data_dir, split: str):
+    """(tar/idx pairs, manifest shard entries, image count, class count) of one split, files checked."""
+    manifest = load_manifest(data_dir)
+    return (split_shards(data_dir, split, manifest), manifest["splits"][split]["shards"],
+            split_size(manifest, split), int(manifest["num_classes"]))
+
+
 class TrainLoader:
     """Training batches of one rank, one DALI pipeline per epoch; see the module docstring for the contract."""
 
@@ -257,11 +264,7 @@ class TrainLoader:
         if not 0 < min_area <= 1:
             raise ValueError(f"min_area {min_area}: must be in (0, 1]")
         _dali_output_type(dtype)
-        manifest = load_manifest(data_dir)
-        self._shards = split_shards(data_dir, split, manifest)
-        self._infos = manifest["splits"][split]["shards"]
-        self._total = split_size(manifest, split)
-        self._classes = int(manifest["num_classes"])
+        self._shards, self._infos, self._total, self._classes = _open_split(data_dir, split)
         self._split = split
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.device_id = _resolve_device_id(device, device_id)
@@ -369,11 +372,7 @@ class ValLoader:
         if not 0 < crop_ratio <= 1:
             raise ValueError(f"crop_ratio {crop_ratio}: must be in (0, 1] (crop side / resized shorter side)")
         _dali_output_type(dtype)
-        manifest = load_manifest(data_dir)
-        self._shards = split_shards(data_dir, split, manifest)
-        self._infos = manifest["splits"][split]["shards"]
-        self._total = split_size(manifest, split)
-        self._classes = int(manifest["num_classes"])
+        self._shards, self._infos, self._total, self._classes = _open_split(data_dir, split)
         self._split = split
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.res, self.crop_ratio, self.dtype, self.num_threads = res, crop_ratio, dtype, num_threads
