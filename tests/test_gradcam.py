@@ -255,7 +255,7 @@ def checkpoints(tmp_path_factory):
     state = torchvision.models.resnet50(num_classes=10).state_dict()
     torch.save(state, out / "model_final.pth")
     trainer = {"model": {f"module._orig_mod.{k}": v for k, v in state.items()}, "ema": None, "epoch": 3,
-               "config": {"model": {"arch": "resnet50", "blurpool": True}, "val": {"res": 64, "crop_ratio": 0.875}}}
+               "config": {"model": {"arch": "resnet50", "blurpool": True}, "val": {"res": 64, "crop_ratio": 0.875, "flip_tta": True}}}
     torch.save(trainer, out / "best.pt")
     return out
 
@@ -287,11 +287,12 @@ def test_trainer_checkpoint_and_loader_workers(checkpoints, shards_dir, tmp_path
     plain, trainer = tmp_path / "plain.png", tmp_path / "trainer.png"
     assert gradcam.main(["--checkpoint", str(checkpoints / "model_final.pth"), "--data", str(shards_dir),
                          "--output", str(plain), "--num-show", "2", "--res", "64", "--workers", "0",
-                         "--blurpool", "on", *COMMON]) == 0
+                         "--blurpool", "on", "--flip-tta", "on", *COMMON]) == 0
     assert gradcam.main(["--checkpoint", str(checkpoints / "best.pt"), "--data", str(shards_dir / "val"),
                          "--output", str(trainer), "--num-show", "2", "--workers", "2", *COMMON]) == 0
     plain_list, trainer_list = (json.loads(p.with_suffix(".json").read_text()) for p in (plain, trainer))
     assert trainer_list["res"] == 64 and trainer_list["blurpool"] and plain_list["blurpool"]
+    assert trainer_list["flip_tta"] and plain_list["flip_tta"]  # from best.pt's config, as the trainer evaluated
     fields = ("key", "true", "predicted")
     assert [[r[f] for f in fields] for r in trainer_list["images"]] == [[r[f] for f in fields] for r in plain_list["images"]]
     assert [r["confidence"] for r in trainer_list["images"]] == pytest.approx([r["confidence"] for r in plain_list["images"]])
@@ -354,3 +355,24 @@ def test_class_count_of_checkpoint_and_data_must_agree(checkpoints, shards_dir, 
     err = _one_line_error(capsys, ["--checkpoint", str(tmp_path / "model_best.pth.tar"), "--data", str(shards_dir),
                                    "--output", str(tmp_path / "x.png")])
     assert "has 10 classes, the checkpoint 5" in err
+
+
+class _LeftHalfScorer(torch.nn.Module):
+    """Logits from the mean of the image's left half per channel: a mirror changes them."""
+
+    def forward(self, images):
+        left = images[..., : images.shape[-1] // 2].mean(dim=(2, 3))
+        return torch.cat([left, -left, 2 * left, -2 * left], dim=1)[:, :10]  # the fixture's 10 classes
+
+
+def test_flip_averaging_uses_the_mirror(shards_dir):
+    data = gradcam.open_data(shards_dir)
+    batches = list(gradcam.load_batches(gradcam.Batches(data, 64, 0.875, 16, limit=16), 0))
+    model, device = _LeftHalfScorer(), torch.device("cpu")
+    plain, _ = gradcam.evaluate(model, batches, device, progress=False)
+    flipped, _ = gradcam.evaluate(model, batches, device, progress=False, flip=True)
+    images = torch.cat([b[3] for b in batches])
+    both = (model(images) + model(torch.flip(images, dims=[3]))) / 2  # = logits of the mean of both halves
+    assert [p.confidence for p in flipped] == pytest.approx(torch.softmax(both, 1).max(1).values.tolist(), abs=1e-6)
+    assert [p.confidence for p in flipped] != pytest.approx([p.confidence for p in plain], abs=1e-6)
+    assert gradcam.flip_setting({"val": {"flip_tta": True}}) and not gradcam.flip_setting(None)

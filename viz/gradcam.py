@@ -154,6 +154,11 @@ def load_model(path: str | Path, num_classes: int | None = None, blurpool: bool 
     return LoadedModel(model.eval(), arch, classes, config, blurpool, weights)
 
 
+def flip_setting(config: dict | None) -> bool:
+    """Whether the trainer averaged each validation image with its mirror (its top-1 then matches ours)."""
+    return bool(((config or {}).get("val") or {}).get("flip_tta", False))
+
+
 def val_settings(config: dict | None) -> tuple[int, float]:
     """(res, crop_ratio) from the trainer's config, or the ImageNet defaults 224 / 0.875."""
     val = (config or {}).get("val") or {}
@@ -405,8 +410,9 @@ class Prediction:
 
 
 def evaluate(model: torch.nn.Module, batches, device: torch.device, total: int | None = None,
-             progress: bool = True) -> tuple[list[Prediction], list[str]]:
-    """Predictions for every readable image (in split order) and the keys of unreadable ones."""
+             progress: bool = True, flip: bool = False) -> tuple[list[Prediction], list[str]]:
+    """Predictions for every readable image (in split order) and the keys of unreadable ones; with `flip`
+    the logits are averaged with those of the left-right mirror, as the trainer's validation does."""
     model.eval()
     predictions, skipped = [], []
     with torch.inference_mode(), tqdm(total=total, unit="img", desc="evaluating", disable=not progress,
@@ -416,7 +422,11 @@ def evaluate(model: torch.nn.Module, batches, device: torch.device, total: int |
             bar.update(len(indices) + len(bad))
             if not indices:
                 continue
-            probs = torch.softmax(model(images.to(device)).float(), dim=1).cpu()
+            images = images.to(device)
+            logits = model(images).float()
+            if flip:
+                logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
+            probs = torch.softmax(logits, dim=1).cpu()
             confidence, predicted = probs.max(dim=1)
             true_prob = probs[torch.arange(len(labels)), torch.tensor(labels)]
             predictions += [Prediction(i, k, l, int(p), float(c), float(t)) for i, k, l, p, c, t in
@@ -505,14 +515,14 @@ def explain(model: torch.nn.Module, target_layer: torch.nn.Module, data: ValData
             num_show: int = 20, how: str = "confident", seed: int = 0, class_index: int | None = None,
             method: str = "gradcam", res: int = DEFAULT_RES, crop_ratio: float = DEFAULT_CROP_RATIO,
             batch_size: int = 64, limit: int | None = None, workers: int = 0, progress: bool = True,
-            title: str = "", meta: dict | None = None) -> Report:
+            title: str = "", meta: dict | None = None, flip: bool = False) -> Report:
     """Evaluate, select mistakes, draw their Grad-CAM grid to `png` and list them beside it.
 
     `target_layer` is the layer whose activations Grad-CAM weighs (model.layer4[-1] for a ResNet); `title`
     names the model in the header; `meta` goes into the JSON list as is."""
     device = next(model.parameters()).device
     dataset = Batches(data, res, crop_ratio, batch_size, limit)
-    predictions, skipped = evaluate(model, load_batches(dataset, workers), device, dataset.limit, progress)
+    predictions, skipped = evaluate(model, load_batches(dataset, workers), device, dataset.limit, progress, flip)
     if not predictions:
         raise VizError(f"--data {data.path}: no readable images ({len(skipped)} unreadable)")
     top1 = sum(p.predicted == p.label for p in predictions) / len(predictions)
@@ -578,6 +588,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--blurpool", default="auto", choices=["auto", "on", "off"],
                    help="anti-aliased strided convs as the trainer builds them; auto: as the checkpoint's config (or "
                         "the run folder's config.yaml) says, else off (default auto)")
+    p.add_argument("--flip-tta", default="auto", choices=["auto", "on", "off"],
+                   help="average each image's prediction with its left-right mirror (the CAMs use the image as "
+                        "is); auto: as the checkpoint's config says, else off (default auto)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--res", type=int, default=None,
@@ -623,6 +636,7 @@ def run(args: argparse.Namespace) -> Report:
     data = match_model(data, loaded.num_classes)
     class_index = find_class(args.select[6:], data.classes) if args.select.startswith("class=") else None
     res, crop_ratio = val_settings(loaded.config)
+    flip = {"auto": flip_setting(loaded.config), "on": True, "off": False}[args.flip_tta]
     res, crop_ratio = args.res or res, args.crop_ratio or crop_ratio
     device = _device(args.device)
     try:
@@ -635,12 +649,12 @@ def run(args: argparse.Namespace) -> Report:
           f"{data.size} images" + (f" ({data.note})" if data.note else ""))
     meta = {"checkpoint": str(args.checkpoint), "data": str(args.data), "arch": loaded.arch,
             "blurpool": loaded.blurpool, "weights": loaded.weights, "select": args.select,
-            "method": args.method, "res": res, "crop_ratio": crop_ratio}
+            "method": args.method, "res": res, "crop_ratio": crop_ratio, "flip_tta": flip}
     model = loaded.model.to(device)
     return explain(model, model.layer4[-1], data, out, num_show=args.num_show, how=how, seed=args.seed,
                    class_index=class_index, method=args.method, res=res, crop_ratio=crop_ratio,
                    batch_size=args.batch_size, limit=args.limit, workers=args.workers,
-                   progress=not args.no_progress, title=Path(args.checkpoint).name, meta=meta)
+                   progress=not args.no_progress, title=Path(args.checkpoint).name, meta=meta, flip=flip)
 
 
 def main(argv=None) -> int:
