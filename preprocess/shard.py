@@ -227,7 +227,8 @@ def run(src: str | None, out: Path, *, fmt: str = "auto", splits: tuple[str, ...
     tmp = out / f"{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST)
-    manifest["_stats"] = {"seconds": elapsed, "encoded": sum(len(t.refs) for t in todo)}
+    manifest["_stats"] = {"seconds": elapsed, "encoded": sum(len(t.refs) for t in todo),
+                          "verified_shards": len(tasks) - len(todo)}
     return manifest
 
 
@@ -288,8 +289,9 @@ def main(argv=None) -> int:
         print(f"{split}: {info['images']} images in {len(info['shards'])} shards; fixed: {fixes}; "
               f"skipped: {len(info['skipped'])}")
     rate = stats["encoded"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
+    reused = f"; {stats['verified_shards']} shards were already complete (checksums verified)" if stats["verified_shards"] else ""
     print(f"encoded {stats['encoded']} images in {stats['seconds']:.1f} s ({rate:.0f} images/s, "
-          f"{args.workers} workers); manifest: {args.out / MANIFEST}")
+          f"{args.workers} workers){reused}; manifest: {args.out / MANIFEST}")
     return 0
 
 
