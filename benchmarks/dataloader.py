@@ -149,8 +149,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--res", type=int, nargs="+", default=[160],
                    help="output resolution(s) in pixels; one row per value; the last line reports the first")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="DALI CPU threads, and DataLoader workers for --baseline (the same CPU budget)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="DALI CPU threads, and DataLoader workers for --baseline (the same CPU budget); default: "
+                        "all cores on cpu, min(8, cores per GPU) on gpu, what one trainer process gets")
     p.add_argument("--seconds", type=float, default=30.0, help="timed wall seconds per measurement")
     p.add_argument("--warmup", type=int, default=5, help="untimed batches before each measurement")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
@@ -163,6 +164,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-report", action="store_true", help="print the table only")
     p.add_argument("--notes", default="", help="free text stored with the result (e.g. what else ran on the machine)")
     args = p.parse_args(argv)
+    if args.threads is None:
+        cores = os.cpu_count() or 1
+        # nvJPEG preallocates per thread (~200 MB GPU + ~280 MB pinned): all cores of a big host would not fit.
+        args.threads = min(8, max(1, cores // max(1, torch.cuda.device_count()))) if args.device == "gpu" else cores
     for name in ("batch_size", "threads", "warmup", "images", "max_side"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be positive")

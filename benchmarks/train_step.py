@@ -24,8 +24,8 @@ from torch import nn
 
 TRAIN_GFLOP_224 = 24.6  # forward + backward of ResNet-50 per 224 px image
 # Dense bf16 tensor-core peaks in TFLOP/s (vendor datasheets, without sparsity); first match wins.
-BF16_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0),
-                    ("A10G", 70.0), ("L4", 121.0)]
+BF16_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
+                    ("L40S", 362.0), ("L40", 181.0), ("A10G", 70.0), ("L4", 121.0)]
 
 
 def bf16_peak_tflops(device_name: str) -> float | None:
@@ -55,7 +55,7 @@ def build_step(kind: str, device: torch.device, batch_size: int, res: int, compi
         memory_format = torch.channels_last
         criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
         if compile_model:
-            model = torch.compile(model)
+            model = torch.compile(model, dynamic=False)  # as the trainer: one static graph per resolution
     else:
         model = torchvision.models.resnet50(num_classes=1000).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
@@ -121,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.report import append_result, cpu_description
 
     device = torch.device(args.device)
+    if device.type == "cuda":  # the trainer's runtime settings (train.main.configure_runtime)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if device.type == "cpu":
         torch.manual_seed(0)
     warmup = args.warmup if args.warmup is not None else (10 if args.compile else 3)

@@ -3,7 +3,8 @@
 Training (`TrainLoader`): readers.webdataset over the tar shards and their DALI indexes, sharded per
 rank -> decoders.image_random_crop (area 0.08-1, aspect 3/4-4/3; "mixed" on a GPU, "cpu" otherwise)
 -> resize to the epoch's resolution -> random flip + ImageNet normalisation in crop_mirror_normalize,
-HWC -> a zero-copy torch view: NCHW with channels_last strides. Labels are the int64 `.lbl` field.
+HWC -> a torch view without a copy (bf16: one cast): NCHW with channels_last strides; on a GPU the DALI
+outputs are held until torch's stream is done with them (`_InFlight`). Labels are the int64 `.lbl` field.
 
 How an epoch is made (what the trainer can rely on):
 - One DALI pipeline per epoch, built by `.epoch(epoch, res)` and dropped at its end. That is how the
@@ -34,6 +35,7 @@ files, decode with PIL and apply RandomResizedCrop + flip + normalise.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import io
 import math
@@ -128,9 +130,11 @@ def _read_webdataset(fn, types, tars, idxs, *, world_size, rank, shuffle_buffer=
         name="reader")
 
 
-def _decoder_args(device_id) -> dict:
-    if device_id is None:
-        return {"device": "cpu"}
+def _decoder_args(device_id, preallocate: bool = True) -> dict:
+    """Decoder placement; `preallocate` sizes nvJPEG's per-thread buffers for any ImageNet image up front
+    (training); the validation pipeline, alive for the whole run, keeps DALI's small defaults."""
+    if device_id is None or not preallocate:
+        return {"device": "cpu" if device_id is None else "mixed"}
     return {"device": "mixed", "device_memory_padding": NVJPEG_DEVICE_PADDING,
             "host_memory_padding": NVJPEG_HOST_PADDING}
 
@@ -170,7 +174,7 @@ def build_val_pipeline(tars, idxs, *, batch_size: int, res: int, crop_ratio: flo
     with pipe:
         jpegs, labels = _read_webdataset(fn, types, tars, idxs, world_size=world_size, rank=rank,
                                          pad_last_batch=True)
-        images = fn.decoders.image(jpegs, output_type=types.RGB, **_decoder_args(device_id))
+        images = fn.decoders.image(jpegs, output_type=types.RGB, **_decoder_args(device_id, preallocate=False))
         images = fn.resize(images, resize_shorter=res / crop_ratio)
         images = _normalize(fn, images, _dali_output_type(dtype), crop=(res, res))
         pipe.set_outputs(images, labels)
@@ -186,8 +190,37 @@ def _sample_keys(images) -> list[str]:
     return [images[i].source_info().rsplit(":", 1)[-1].rsplit(".", 1)[0] for i in range(len(images))]
 
 
+class _InFlight:
+    """Holds the DALI outputs of GPU batches until torch's stream is done with them.
+
+    The torch tensors of `batch_to_torch` share DALI's memory (and the bf16 cast is queued, not done, when
+    it returns), but freeing that memory is ordered on DALI's stream, not torch's: without this, DALI could
+    hand a buffer to a later batch while torch's kernels still read it. Each batch is kept until an event
+    recorded after the consumer queued its step has passed, at most `limit` batches deep. The consumer must
+    not keep the yielded tensors past its next batch (the trainer does not)."""
+
+    def __init__(self, device_id: int | None, limit: int = 8):
+        self.device = None if device_id is None else torch.device("cuda", device_id)
+        self.limit = limit
+        self._held: collections.deque = collections.deque()
+
+    def hold(self, outputs) -> None:
+        if self.device is None:  # CPU pipelines: the host already waited for everything
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self._held.append((outputs, event))
+        while self._held and (len(self._held) > self.limit or self._held[0][1].query()):
+            self._held.popleft()[1].synchronize()
+
+    def release(self) -> None:
+        while self._held:
+            self._held.popleft()[1].synchronize()
+
+
 def batch_to_torch(images, labels, dtype: torch.dtype, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-copy views of a DALI batch: images [B, 3, H, W] channels_last, labels int64 [B]."""
+    """Views of a DALI batch without a copy (bf16: one cast): images [B, 3, H, W] channels_last, labels
+    int64 [B]. On a GPU the DALI outputs must outlive torch's use of them: see `_InFlight`."""
     from nvidia.dali.backend import TensorListGPU
 
     on_gpu = isinstance(images, TensorListGPU)
@@ -202,6 +235,9 @@ def batch_to_torch(images, labels, dtype: torch.dtype, classes: int) -> tuple[to
     if low < 0 or high >= classes:
         raise DatasetError(f"label {int(low) if low < 0 else int(high)} outside 0..{classes - 1} in a batch: "
                            "a `.lbl` field is damaged or the shards belong to another manifest")
+    if on_gpu:
+        # An async copy is safe only from memory torch owns; DALI may reuse its own buffer.
+        targets = targets.pin_memory()
     return nchw, targets.to(device, non_blocking=True)
 
 
@@ -307,18 +343,23 @@ class TrainLoader:
         return self._batches(self._pipe, start, tars, infos)
 
     def _batches(self, pipe, start: int, tars, infos):
-        for step in range(start, len(self)):
-            if self._pipe is not pipe:
-                raise RuntimeError(f"this iterator of epoch {self._epoch} was replaced by a later .epoch() call")
-            try:
-                images, labels = pipe.run()
-            except RuntimeError as exc:
-                share = rank_range(self._total, self.world_size, self.rank)
-                mine = shards_in_range([i["images"] for i in infos], *share)
-                raise _pipeline_error(exc, [tars[i] for i in mine], [infos[i] for i in mine], self._split) from exc
-            self._step = step + 1
-            batch = batch_to_torch(images, labels, self.dtype, self._classes)
-            yield (*batch, _sample_keys(images)) if self.with_keys else batch
+        in_flight = _InFlight(self.device_id)
+        try:
+            for step in range(start, len(self)):
+                if self._pipe is not pipe:
+                    raise RuntimeError(f"this iterator of epoch {self._epoch} was replaced by a later .epoch() call")
+                try:
+                    images, labels = pipe.run()
+                except RuntimeError as exc:
+                    share = rank_range(self._total, self.world_size, self.rank)
+                    mine = shards_in_range([i["images"] for i in infos], *share)
+                    raise _pipeline_error(exc, [tars[i] for i in mine], [infos[i] for i in mine], self._split) from exc
+                self._step = step + 1
+                batch = batch_to_torch(images, labels, self.dtype, self._classes)
+                yield (*batch, _sample_keys(images)) if self.with_keys else batch
+                in_flight.hold((images, labels))
+        finally:
+            in_flight.release()
         if self._pipe is pipe:
             self._pipe = None
 
@@ -416,14 +457,19 @@ class ValLoader:
         while self._unread > 0:  # finish an abandoned pass so that this one starts at the range's first image
             self._run(pipe)
         self._unread = self._batches_per_pass
-        for b in range(self._batches_per_pass):
-            images, labels = self._run(pipe)
-            keep = min(self.batch_size, len(self) - b * self.batch_size)  # the rest is padding
-            if keep <= 0:
-                continue
-            batch_images, batch_labels = batch_to_torch(images, labels, self.dtype, self._classes)
-            batch = (batch_images[:keep], batch_labels[:keep])
-            yield (*batch, _sample_keys(images)[:keep]) if self.with_keys else batch
+        in_flight = _InFlight(self.device_id)
+        try:
+            for b in range(self._batches_per_pass):
+                images, labels = self._run(pipe)
+                keep = min(self.batch_size, len(self) - b * self.batch_size)  # the rest is padding
+                if keep <= 0:
+                    continue
+                batch_images, batch_labels = batch_to_torch(images, labels, self.dtype, self._classes)
+                batch = (batch_images[:keep], batch_labels[:keep])
+                yield (*batch, _sample_keys(images)[:keep]) if self.with_keys else batch
+                in_flight.hold((images, labels))
+        finally:
+            in_flight.release()
 
 
 # ---------------------------------------------------------------------------------------------------

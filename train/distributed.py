@@ -74,6 +74,15 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers_(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank `src`'s BatchNorm running statistics (and any other buffers). DDP broadcasts them
+    only at the start of a forward, so after the last step each rank holds its own: evaluate and save
+    one model, not a mix of them."""
+    if _active():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=src)
+
+
 def all_gather_object(obj) -> list:
     """One picklable object per rank, in rank order."""
     if not _active():

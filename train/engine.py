@@ -29,7 +29,7 @@ def pick_precision(preference: str, device_type: str) -> torch.dtype | None:
         return torch.float16
     if preference == "bf16":
         return torch.bfloat16
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def autocast(device_type: str, amp_dtype: torch.dtype | None):
@@ -130,7 +130,9 @@ def evaluate(model: nn.Module, batches: Iterable, *, device: torch.device, amp_d
                 logits = logits + model(torch.flip(images, dims=[3])).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == labels[:, None]
-        totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(labels.numel(), device=device)])
+        totals[0] += hits[:, 0].sum()
+        totals[1] += hits.any(dim=1).sum()
+        totals[2] += labels.numel()  # a Python int: no host-device sync per batch
     distributed.all_reduce_(totals)
     correct1, correct5, count = totals.tolist()
     return {"top1": correct1 / max(count, 1), "top5": correct5 / max(count, 1), "images": count}

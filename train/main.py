@@ -153,7 +153,8 @@ class Training:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[dist.local_rank] if self.device_type == "cuda" else None)
         if cfg.model.compile:
-            self.train_model = torch.compile(self.train_model)
+            # One static graph per resolution (160, 192): a dynamic-shape graph would serve them all, slower.
+            self.train_model = torch.compile(self.train_model, dynamic=False)
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             header = (f"resolved config of this run; global batch {self.global_batch} on {dist.world_size} "
@@ -337,6 +338,9 @@ class Training:
 
     def validate(self) -> dict:
         flip = self.cfg.val.flip_tta
+        distributed.broadcast_buffers_(self.model)
+        if self.ema is not None:
+            distributed.broadcast_buffers_(self.ema.module)
         evaluated = self.ema.module if self.ema is not None else self.model
         result = engine.evaluate(evaluated, self.val_loader, device=self.device, amp_dtype=self.amp_dtype,
                                  flip_tta=flip)
