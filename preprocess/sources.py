@@ -183,7 +183,7 @@ def split_of_parquet(file: str) -> str | None:
     return None
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
@@ -224,7 +224,7 @@ class ImageFolderSource:
             if class_dir.name not in self._index:
                 raise SourceError(f"{class_dir}: class {class_dir.name!r} is not among the train/ classes")
             label = self._index[class_dir.name]
-            refs += [SampleRef(safe_key(p.name), label, ("file", str(p))) for p in _image_files(class_dir)]
+            refs += [SampleRef(safe_key(p.name), label, ("file", str(p))) for p in image_files(class_dir)]
         return hash_order(_with_unique_keys(refs))
 
 
@@ -269,10 +269,10 @@ class TinyImageNetSource:
                 folder = self.root / "train" / wnid / "images"
                 if not folder.is_dir():
                     folder = self.root / "train" / wnid
-                refs += [SampleRef(safe_key(p.name), label, ("file", str(p))) for p in _image_files(folder)]
+                refs += [SampleRef(safe_key(p.name), label, ("file", str(p))) for p in image_files(folder)]
         elif split == "val":
             folder = self.root / "val" / "images"
-            for p in _image_files(folder):
+            for p in image_files(folder):
                 if p.name not in self._val_labels:
                     raise SourceError(f"{p}: not listed in {self.root / 'val' / 'val_annotations.txt'}")
                 refs.append(SampleRef(safe_key(p.name), self._val_labels[p.name], ("file", str(p))))

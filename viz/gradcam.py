@@ -37,12 +37,11 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from tqdm import tqdm
 
 from preprocess.manifest import MANIFEST, DatasetError, load_manifest, split_shards
-from preprocess.sources import (IMAGE_SUFFIXES, SPLIT_ALIASES, ClassInfo, SampleRef, SourceError, hash_order,
+from preprocess.sources import (SPLIT_ALIASES, ClassInfo, SampleRef, SourceError, hash_order, image_files,
                                 imagenet_classes, safe_key, unique_keys)
+from train.data import MEAN as IMAGENET_MEAN, STD as IMAGENET_STD
 from viz.render import GridRow, render_grid
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_RES = 224  # px, when neither --res nor the checkpoint's config says
 DEFAULT_CROP_RATIO = 0.875  # centre-crop side / resized shorter side (224/256)
 FILES_PER_PART = 64  # images per unit of work handed to a loader worker (folder layouts)
@@ -209,13 +208,9 @@ def _folder_classes(wnids: list[str]) -> tuple[ClassInfo, ...]:
     return tuple(ClassInfo(w, names.get(w, w)) for w in wnids)
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
 def _class_dirs(folder: Path) -> list[Path]:
     """Subfolders holding images directly (ImageFolder classes)."""
-    return sorted(d for d in folder.iterdir() if d.is_dir() and _image_files(d))
+    return sorted(d for d in folder.iterdir() if d.is_dir() and image_files(d))
 
 
 def _file_parts(refs: list[tuple[str, int]]) -> tuple[Part, ...]:
@@ -250,7 +245,7 @@ def _image_folder(val: Path) -> ValData:
     unknown = [w for w in own if w not in index]
     if unknown:
         raise VizError(f"--data {val / unknown[0]}: class folder not among the {len(wnids)} classes of {train}")
-    refs = [(str(p), index[w]) for w in own for p in _image_files(val / w)]
+    refs = [(str(p), index[w]) for w in own for p in image_files(val / w)]
     return ValData("imagefolder", str(val), _folder_classes(wnids), _file_parts(refs))
 
 
