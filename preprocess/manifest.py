@@ -7,6 +7,7 @@ missing or half-written dataset gives one clear error instead of a reader crash.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -58,3 +59,57 @@ def split_size(manifest: dict, split: str) -> int:
 
 def class_names(manifest: dict) -> list[str]:
     return [c["name"] for c in manifest["classes"]]
+
+
+def expected_distinct(class_counts: list[int], n: int) -> float:
+    """Expected number of distinct classes among `n` samples drawn at random (without replacement)
+    from a split with these per-class counts."""
+    total = sum(class_counts)
+    if n >= total:
+        return float(sum(1 for c in class_counts if c))
+
+    def log_choose(a: int, b: int) -> float:
+        return math.lgamma(a + 1) - math.lgamma(b + 1) - math.lgamma(a - b + 1)
+
+    absent = [math.exp(log_choose(total - c, n) - log_choose(total, n)) if total - c >= n else 0.0
+              for c in class_counts if c]
+    return sum(1.0 - a for a in absent)
+
+
+def mix_stats(shard_class_counts: list[list[int]]) -> dict:
+    """How mixed a split's shards are: distinct classes per shard (mean, min) and the mean a random
+    order would give for the same shard sizes."""
+    if not shard_class_counts:
+        return {"distinct_classes_mean": 0.0, "distinct_classes_min": 0, "distinct_classes_if_random": 0.0}
+    totals = [sum(col) for col in zip(*shard_class_counts)]
+    distinct = [sum(1 for c in counts if c) for counts in shard_class_counts]
+    sizes = [sum(counts) for counts in shard_class_counts]
+    expected = {n: expected_distinct(totals, n) for n in set(sizes)}
+    return {"distinct_classes_mean": round(sum(distinct) / len(distinct), 3),
+            "distinct_classes_min": min(distinct),
+            "distinct_classes_if_random": round(sum(expected[n] for n in sizes) / len(sizes), 3)}
+
+
+def class_sorted_problem(data_dir: str | Path, manifest: dict, split: str = "train") -> str | None:
+    """Why the split's shards look class-sorted (too few classes per shard for a random order), or None.
+
+    A random order puts close to `distinct_classes_if_random` classes in every shard; a class-sorted
+    one a handful. Manifests written before the mix statistics existed are checked from the per-shard
+    summaries that `preprocess.shard` leaves beside the tars."""
+    info = manifest["splits"][split]
+    mix = info.get("mix")
+    if mix is None:
+        counts = []
+        for shard in info["shards"]:
+            summary = Path(data_dir) / split / f"{shard['name']}.json"
+            try:
+                counts.append(json.loads(summary.read_text())["per_class"])
+            except (OSError, ValueError, KeyError):
+                return (f"{Path(data_dir) / MANIFEST}: no class-mix statistics and no {summary.name} to compute them; "
+                        f"cannot tell whether the {split} shards are shuffled")
+        mix = mix_stats(counts)
+    expected, mean = mix["distinct_classes_if_random"], mix["distinct_classes_mean"]
+    if expected >= 2 and mean < 0.5 * expected:
+        return (f"{Path(data_dir) / split}: shards look class-sorted ({mean:.1f} classes per shard on average; a "
+                f"random order gives {expected:.1f}), so batches would hold a handful of classes")
+    return None

@@ -2,36 +2,62 @@
 
     python -m preprocess.shard --out /mnt/nvme/shards                 # HF cache, train + val
     python -m preprocess.shard --src ~/tiny-imagenet-200 --out shards
+    python -m preprocess.shard --src s3://my-bucket/imagenet-1k/data --out /mnt/nvme/shards
 
-Each split's samples are planned into shards of `--images-per-shard` before any work starts, so a
-shard's contents do not depend on the number of workers or on where an earlier run stopped. A shard
-is complete when its `<name>.json` summary exists (written last, atomically); re-running the same
-command verifies complete shards by SHA-256 and redoes the rest, so a killed run finishes with the
-same bytes as an uninterrupted one.
+Order of the samples
+- train: one seeded pseudo-random permutation of the whole split (samples sorted by SHA-256 of
+  "<shuffle seed>:<key>"). It depends only on the keys and the seed: never on the source's order
+  (a label-sorted parquet export gives the same shards as a shuffled one) nor on `--workers`.
+  The mixing has to be in the shards: DALI's reader only shuffles inside a buffer of a few thousand
+  samples per rank, so class-sorted shards would train on batches of a handful of classes.
+- val and test: the source's own order (parquet row order; folders: class folder, then file name).
+
+How a shuffled split is written
+- Folder sources can read any file at any time, so each shard task reads its own files (one pass).
+- Parquet can only be read cheaply in row order (one row costs its whole row group, locally or over
+  the network), so a shuffled split takes two passes and reads the source once:
+  1. encode: one task per row group reads it, re-encodes its images and appends them to
+     `.work/<split>/chunk-NNNNNN.bin`, sorted by their place in the shuffled order;
+     `chunk-NNNNNN.json`, written last, says where each sample is. Each worker holds one row group.
+  2. mix: one task per shard reads its samples from the chunks (one seek each), in order, and writes
+     the tar exactly as the one-pass path would.
+  The encoded split sits on disk twice until its last shard is written (peak: about twice the size
+  of the shards); then `.work/` is deleted.
+
+Resume: every shard (and chunk) is planned before any work starts, so its contents do not depend on
+the workers or on where an earlier run stopped. A shard or chunk is complete when its `.json` exists
+(written last, atomically) and names the same plan; re-running the same command verifies complete
+shards by SHA-256 and redoes the rest, so a killed run finishes with the same bytes as an
+uninterrupted one.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
 from preprocess.encode import UndecodableImage, reencode
-from preprocess.manifest import FORMAT_VERSION, MANIFEST
-from preprocess.sources import (SampleRef, SourceError, classes_json, describe, open_source, read_bytes,
-                                refs_digest)
+from preprocess.manifest import FORMAT_VERSION, MANIFEST, mix_stats
+from preprocess.sources import (SampleRef, SourceError, classes_json, describe, open_source, public_url, read_bytes,
+                                refs_digest, row_group_images)
 from preprocess.writer import ShardWriter, file_sha256, shard_name
 
 SPLITS = ("train", "val", "test")
+SHUFFLED_SPLITS = ("train",)
+WORK_DIR = ".work"  # pass-1 chunks of two-pass splits; deleted once the manifest is written
 
 
 @dataclass(frozen=True)
@@ -60,34 +86,73 @@ class ShardTask:
         return f"{self.settings.digest()}:{refs_digest(list(self.refs))}"
 
 
+@dataclass(frozen=True)
+class ChunkTask:
+    """Pass 1 of a two-pass split: the rows of one parquet row group, each with its shuffled position."""
+
+    split: str
+    index: int
+    refs: tuple[SampleRef, ...]  # in the order they are written: by position
+    positions: tuple[int, ...]
+    num_classes: int
+    settings: EncodeSettings
+    work_dir: str
+
+    @property
+    def summary_path(self) -> Path:
+        return Path(self.work_dir) / f"chunk-{self.index:06d}.json"
+
+    def plan_id(self) -> str:
+        rows = [(r.key, r.label, p) for r, p in zip(self.refs, self.positions)]
+        return f"{self.settings.digest()}:{hashlib.sha256(json.dumps(rows).encode()).hexdigest()}"
+
+
+# An encoded sample: (JPEG bytes, fixes); a str instead is the reason it was skipped.
+Outcome = tuple[bytes, list[str]] | str
+
+
+def shuffle(refs: list[SampleRef], seed: int) -> list[SampleRef]:
+    """The split in a pseudo-random order that depends only on the keys and the seed."""
+    return sorted(refs, key=lambda r: hashlib.sha256(f"{seed}:{r.key}".encode()).digest())
+
+
 def plan(refs: list[SampleRef], per_shard: int) -> list[list[SampleRef]]:
     return [refs[i:i + per_shard] for i in range(0, len(refs), per_shard)]
 
 
-def write_shard(task: ShardTask) -> dict:
-    """Encode and write one shard, then its summary; returns the summary. Runs in a worker."""
-    directory = Path(task.out_dir) / task.split
-    writer = ShardWriter(directory, shard_name(task.index))
+def encode_ref(ref: SampleRef, data: bytes | None, split: str, num_classes: int, settings: EncodeSettings):
+    """The outcome of one sample: (jpeg, fixes), or the reason it is skipped. `data=None` reads the bytes."""
+    if not (0 <= ref.label < num_classes) and split != "test":
+        return f"label {ref.label} outside 0..{num_classes - 1}"
+    try:
+        result = reencode(read_bytes(ref.location) if data is None else data, max_side=settings.max_side,
+                          quality=settings.quality)
+    except UndecodableImage as exc:
+        return str(exc)
+    return result.jpeg, result.fixes
+
+
+def write_shard(task: ShardTask, outcomes: Iterable[Outcome] | None = None) -> dict:
+    """Write one shard from its samples' outcomes (encoded here from the source when None), then its
+    summary; returns the summary. Runs in a worker."""
+    if outcomes is None:
+        outcomes = (encode_ref(ref, None, task.split, task.num_classes, task.settings) for ref in task.refs)
+    writer = ShardWriter(Path(task.out_dir) / task.split, shard_name(task.index))
     per_class = [0] * task.num_classes
     fixed: Counter = Counter()
     fixed_keys: list[dict] = []
     skipped: list[dict] = []
     try:
-        for ref in task.refs:
-            if not (0 <= ref.label < task.num_classes) and task.split != "test":
-                skipped.append({"key": ref.key, "reason": f"label {ref.label} outside 0..{task.num_classes - 1}"})
+        for ref, outcome in zip(task.refs, outcomes, strict=True):
+            if isinstance(outcome, str):
+                skipped.append({"key": ref.key, "reason": outcome})
                 continue
-            try:
-                result = reencode(read_bytes(ref.location), max_side=task.settings.max_side,
-                                  quality=task.settings.quality)
-            except UndecodableImage as exc:
-                skipped.append({"key": ref.key, "reason": str(exc)})
-                continue
-            writer.write(ref.key, result.jpeg, ref.label)
+            jpeg, fixes = outcome
+            writer.write(ref.key, jpeg, ref.label)
             if ref.label >= 0:
                 per_class[ref.label] += 1
-            fixed.update(result.fixes)
-            conversions = [f for f in result.fixes if f != "resized"]
+            fixed.update(fixes)
+            conversions = [f for f in fixes if f != "resized"]
             if conversions:
                 fixed_keys.append({"key": ref.key, "fixes": conversions})
         info = writer.close() if len(writer) else None
@@ -100,14 +165,75 @@ def write_shard(task: ShardTask) -> dict:
         "sha256": info.sha256 if info else None, "per_class": per_class, "fixed": dict(sorted(fixed.items())),
         "fixed_keys": fixed_keys, "skipped": skipped,
     }
-    tmp = task.summary_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, task.summary_path)
+    write_json_atomic(task.summary_path, summary)
     return summary
 
 
-def _write_indexed(task: ShardTask) -> tuple[str, int, dict]:
-    return task.split, task.index, write_shard(task)
+def encode_chunk(task: ChunkTask) -> dict:
+    """Pass 1: encode one row group into `chunk-NNNNNN.bin` in position order; returns its summary."""
+    first = task.refs[0].location
+    images = row_group_images(first[1], first[2])
+    bin_path = task.summary_path.with_suffix(".bin")
+    tmp = bin_path.with_suffix(".bin.tmp")
+    samples = []
+    offset = 0
+    with open(tmp, "wb") as f:
+        for ref, position in zip(task.refs, task.positions):
+            outcome = encode_ref(ref, images[ref.location[3]] or b"", task.split, task.num_classes, task.settings)
+            if isinstance(outcome, str):
+                samples.append([position, -1, 0, outcome])
+                continue
+            jpeg, fixes = outcome
+            f.write(jpeg)
+            samples.append([position, offset, len(jpeg), fixes])
+            offset += len(jpeg)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, bin_path)
+    summary = {"plan": task.plan_id(), "bytes": offset, "samples": samples}
+    write_json_atomic(task.summary_path, summary)
+    return summary
+
+
+def mix_shard(job: tuple[ShardTask, list[tuple]]) -> dict:
+    """Pass 2: write one shard from its samples in the pass-1 chunks. `job` = (task, [(position,
+    chunk file, offset, length, fixes or skip reason), ...] in position order)."""
+    task, entries = job
+    files: dict[str, object] = {}
+
+    def outcomes() -> Iterator[Outcome]:
+        for _, chunk, offset, length, extra in entries:
+            if offset < 0:
+                yield extra
+                continue
+            f = files.get(chunk) or files.setdefault(chunk, open(chunk, "rb"))
+            f.seek(offset)
+            data = f.read(length)
+            if len(data) != length:
+                raise OSError(f"{chunk}: truncated; delete {Path(chunk).parent} and re-run")
+            yield data, extra
+
+    try:
+        return write_shard(task, outcomes())
+    finally:
+        for f in files.values():
+            f.close()
+
+
+def _run_job(job) -> tuple[str, object, dict]:
+    """Dispatch for the worker pool: ('shard', (split, index), summary) or ('chunk', (split, index), summary)."""
+    if isinstance(job, ShardTask):
+        return "shard", (job.split, job.index), write_shard(job)
+    if isinstance(job, ChunkTask):
+        return "chunk", (job.split, job.index), encode_chunk(job)
+    task, _ = job
+    return "shard", (task.split, task.index), mix_shard(job)
+
+
+def write_json_atomic(path: Path, value) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
 
 
 def completed_summary(task: ShardTask, verify: bool = True) -> dict | None:
@@ -136,7 +262,27 @@ def clean_split_dir(directory: Path, keep: set[str]) -> None:
             p.unlink()
 
 
-def split_manifest(summaries: list[dict], num_classes: int) -> dict:
+def clean_work_dir(directory: Path, chunks: int) -> None:
+    """Drop temp files of a killed run and chunks beyond the current plan."""
+    for p in directory.iterdir():
+        index = p.name.split(".", 1)[0].removeprefix("chunk-")
+        if p.name.endswith(".tmp") or not index.isdigit() or int(index) >= chunks:
+            p.unlink()
+
+
+def completed_chunk(task: ChunkTask) -> dict | None:
+    """The summary of a pass-1 chunk of the same plan whose data file is whole, else None."""
+    try:
+        summary = json.loads(task.summary_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    data = task.summary_path.with_suffix(".bin")
+    if summary.get("plan") != task.plan_id() or not data.is_file() or data.stat().st_size != summary["bytes"]:
+        return None
+    return summary
+
+
+def split_manifest(summaries: list[dict], num_classes: int, order: str) -> dict:
     per_class = [0] * num_classes
     fixed: Counter = Counter()
     for s in summaries:
@@ -145,6 +291,8 @@ def split_manifest(summaries: list[dict], num_classes: int) -> dict:
     return {
         "images": sum(s["images"] for s in summaries),
         "source_images": sum(s["planned"] for s in summaries),
+        "order": order,
+        "mix": mix_stats([s["per_class"] for s in summaries if s["images"]]),
         "shards": [{k: s[k] for k in ("name", "images", "bytes", "sha256")} for s in summaries if s["images"]],
         "per_class": per_class,
         "fixed": dict(sorted(fixed.items())),
@@ -163,9 +311,60 @@ def check_writable(out: Path) -> None:
         raise SourceError(f"--out {out}: not writable ({exc.strerror or exc}); choose a folder you can write to") from exc
 
 
+def chunk_tasks(split: str, ordered: list[SampleRef], num_classes: int, settings: EncodeSettings,
+                work_dir: Path) -> list[ChunkTask]:
+    """One pass-1 task per parquet row group, its rows sorted by their place in `ordered`."""
+    position = {ref.key: i for i, ref in enumerate(ordered)}
+    source_order = sorted(ordered, key=lambda r: r.location[1:])  # (file, row group, row)
+    tasks = []
+    for _, group in itertools.groupby(source_order, key=lambda r: r.location[1:3]):
+        rows = sorted((position[r.key], r) for r in group)
+        tasks.append(ChunkTask(split, len(tasks), tuple(r for _, r in rows), tuple(p for p, _ in rows), num_classes,
+                               settings, str(work_dir)))
+    return tasks
+
+
+def mix_jobs(tasks: list[ShardTask], chunks: list[ChunkTask], chunk_summaries: dict[int, dict],
+             per_shard: int) -> Iterator[tuple[ShardTask, list[tuple]]]:
+    """Pass-2 jobs: each shard task with its samples' places in the chunks, in shuffled order.
+    `chunk_summaries` holds every chunk that feeds one of `tasks`."""
+    wanted = {t.index for t in tasks}
+    entries: dict[int, list[tuple]] = defaultdict(list)
+    for index, summary in chunk_summaries.items():
+        data = str(chunks[index].summary_path.with_suffix(".bin"))
+        for position, offset, length, extra in summary["samples"]:
+            if position // per_shard in wanted:
+                entries[position // per_shard].append((position, data, offset, length, extra))
+    for task in tasks:
+        found = sorted(entries.pop(task.index, []))
+        first = task.index * per_shard
+        if [e[0] for e in found] != list(range(first, first + len(task.refs))):
+            raise RuntimeError(f"{task.split}/{shard_name(task.index)}: pass-1 chunks do not hold its samples; "
+                               f"delete {chunks[0].work_dir} and re-run")
+        yield task, found
+
+
+class Progress:
+    """One tqdm bar per phase, with images/s and ETA."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def run(self, pool, jobs: Iterable, total: int, desc: str) -> Iterator[tuple[str, object, dict]]:
+        bar = tqdm(total=total, unit="img", disable=not self.enabled or total == 0, desc=desc, dynamic_ncols=True,
+                   smoothing=0.05)
+        try:
+            results = pool.imap_unordered(_run_job, jobs) if pool is not None else map(_run_job, jobs)
+            for kind, where, summary in results:
+                bar.update(summary["planned"] if kind == "shard" else len(summary["samples"]))
+                yield kind, where, summary
+        finally:
+            bar.close()
+
+
 def run(src: str | None, out: Path, *, fmt: str = "auto", splits: tuple[str, ...] = ("train", "val"),
         settings: EncodeSettings = EncodeSettings(), images_per_shard: int = 1000, workers: int = 1,
-        progress: bool = True) -> dict:
+        shuffle_seed: int = 0, progress: bool = True) -> dict:
     """Shard `src` into `out` and return the manifest (also written to `out/manifest.json`)."""
     source = open_source(src, fmt)
     missing = [s for s in splits if s not in source.splits()]
@@ -174,42 +373,70 @@ def run(src: str | None, out: Path, *, fmt: str = "auto", splits: tuple[str, ...
     all_refs = {split: source.refs(split) for split in splits}
     for split, refs in all_refs.items():
         if not refs:
-            raise SourceError(f"--src {src}: split {split!r} has no images")
+            raise SourceError(f"--src {public_url(str(src))}: split {split!r} has no images")
     check_writable(out)
 
     num_classes = len(source.classes)
-    tasks = []
+    tasks: dict[str, list[ShardTask]] = {}
+    two_pass: dict[str, list[ChunkTask]] = {}
     for split, refs in all_refs.items():
+        ordered = shuffle(refs, shuffle_seed) if split in SHUFFLED_SPLITS else refs
         (out / split).mkdir(exist_ok=True)
-        shards = plan(refs, images_per_shard)
+        shards = plan(ordered, images_per_shard)
         clean_split_dir(out / split, {shard_name(i) for i in range(len(shards))})
-        tasks += [ShardTask(split, i, tuple(r), num_classes, settings, str(out)) for i, r in enumerate(shards)]
+        tasks[split] = [ShardTask(split, i, tuple(r), num_classes, settings, str(out)) for i, r in enumerate(shards)]
+        if split in SHUFFLED_SPLITS and source.sequential:
+            two_pass[split] = chunk_tasks(split, ordered, num_classes, settings, out / WORK_DIR / split)
 
     summaries: dict[tuple[str, int], dict] = {}
-    todo = []
-    for task in tasks:
-        done = completed_summary(task)
-        if done is not None:
-            summaries[(task.split, task.index)] = done
-        else:
-            todo.append(task)
+    todo: dict[str, list[ShardTask]] = {}
+    for split, split_tasks in tasks.items():
+        for task in split_tasks:
+            done = completed_summary(task)
+            if done is not None:
+                summaries[(split, task.index)] = done
+            else:
+                todo.setdefault(split, []).append(task)
 
-    total = sum(len(t.refs) for t in tasks)
+    # Phase 1: one-pass shards and pass-1 chunks of the two-pass splits that still miss shards.
+    phase1: list = [t for split, ts in todo.items() if split not in two_pass for t in ts]
+    chunk_summaries: dict[str, dict[int, dict]] = {}
+    for split, chunks in two_pass.items():
+        if split not in todo:
+            continue
+        work = out / WORK_DIR / split
+        work.mkdir(parents=True, exist_ok=True)
+        clean_work_dir(work, len(chunks))
+        chunk_summaries[split] = {}
+        missing_shards = {t.index for t in todo[split]}
+        for chunk in chunks:
+            if not any(p // images_per_shard in missing_shards for p in chunk.positions):
+                continue  # feeds only shards that are already complete
+            done = completed_chunk(chunk)
+            if done is not None:
+                chunk_summaries[split][chunk.index] = done
+            else:
+                phase1.append(chunk)
+    encoded = sum(len(t.refs) for t in phase1)
+
     start = time.perf_counter()
-    bar = tqdm(total=total, initial=total - sum(len(t.refs) for t in todo), unit="img", disable=not progress,
-               desc="sharding", dynamic_ncols=True, smoothing=0.05)
-    if workers <= 1:
-        results = map(_write_indexed, todo)
-        pool = None
-    else:
-        pool = mp.get_context("spawn").Pool(workers)
-        results = pool.imap_unordered(_write_indexed, todo)
+    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    bars = Progress(progress)
     try:
-        for split, index, summary in results:
-            summaries[(split, index)] = summary
-            bar.update(summary["planned"])
+        desc = "encoding" if not two_pass else f"encoding (pass 1 of 2 for {','.join(two_pass)})"
+        for kind, (split, index), summary in bars.run(pool, phase1, encoded, desc):
+            if kind == "shard":
+                summaries[(split, index)] = summary
+            else:
+                chunk_summaries[split][index] = summary
+        # Phase 2: the missing shards of the two-pass splits, mixed from their chunks.
+        mixing = [t for split in two_pass for t in todo.get(split, [])]
+        jobs = itertools.chain.from_iterable(
+            mix_jobs(todo[split], two_pass[split], chunk_summaries[split], images_per_shard)
+            for split in two_pass if split in todo)
+        for _, where, summary in bars.run(pool, jobs, sum(len(t.refs) for t in mixing), "mixing (pass 2 of 2)"):
+            summaries[where] = summary
     finally:
-        bar.close()
         if pool is not None:
             pool.terminate()
     elapsed = time.perf_counter() - start
@@ -217,18 +444,17 @@ def run(src: str | None, out: Path, *, fmt: str = "auto", splits: tuple[str, ...
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": describe(source),
-        "settings": {**asdict(settings), "images_per_shard": images_per_shard},
+        "settings": {**asdict(settings), "images_per_shard": images_per_shard, "shuffle_seed": shuffle_seed},
         "num_classes": num_classes,
         "classes": classes_json(source.classes),
-        "splits": {split: split_manifest([summaries[(split, i)] for i in range(len(plan(refs, images_per_shard)))],
-                                         num_classes)
-                   for split, refs in all_refs.items()},
+        "splits": {split: split_manifest([summaries[(split, t.index)] for t in split_tasks], num_classes,
+                                         "shuffled" if split in SHUFFLED_SPLITS else "source")
+                   for split, split_tasks in tasks.items()},
     }
-    tmp = out / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST)
-    manifest["_stats"] = {"seconds": elapsed, "encoded": sum(len(t.refs) for t in todo),
-                          "verified_shards": len(tasks) - len(todo)}
+    write_json_atomic(out / MANIFEST, manifest)
+    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    manifest["_stats"] = {"seconds": elapsed, "encoded": encoded, "written_shards": sum(len(ts) for ts in todo.values()),
+                          "verified_shards": sum(len(ts) for ts in tasks.values()) - sum(len(ts) for ts in todo.values())}
     return manifest
 
 
@@ -248,6 +474,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images, 1-100 (default 90)")
     p.add_argument("--images-per-shard", type=int, default=1000, help="images per tar shard (default 1000, ~100 MB at 500 px)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel encoding processes (default: all cores)")
+    p.add_argument("--shuffle-seed", type=int, default=0,
+                   help="seed of the train split's global pseudo-random order (default 0); val/test keep the "
+                        "source's order")
     p.add_argument("--splits", default="train,val", help="comma-separated splits to write: train,val[,test] (default train,val)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     args = p.parse_args(argv)
@@ -276,7 +505,7 @@ def main(argv=None) -> int:
         splits = validate(args)
         manifest = run(args.src, args.out, fmt=args.format, splits=splits,
                        settings=EncodeSettings(args.max_side, args.quality), images_per_shard=args.images_per_shard,
-                       workers=args.workers, progress=not args.no_progress)
+                       workers=args.workers, shuffle_seed=args.shuffle_seed, progress=not args.no_progress)
     except SourceError as exc:
         print(f"preprocess.shard: error: {exc}", file=sys.stderr)
         return 2
@@ -286,8 +515,10 @@ def main(argv=None) -> int:
     stats = manifest.pop("_stats")
     for split, info in manifest["splits"].items():
         fixes = ", ".join(f"{k} {v}" for k, v in info["fixed"].items()) or "none"
-        print(f"{split}: {info['images']} images in {len(info['shards'])} shards; fixed: {fixes}; "
-              f"skipped: {len(info['skipped'])}")
+        mix = info["mix"]
+        print(f"{split}: {info['images']} images in {len(info['shards'])} shards ({info['order']} order, "
+              f"{mix['distinct_classes_mean']:.1f} classes per shard on average, min {mix['distinct_classes_min']}); "
+              f"fixed: {fixes}; skipped: {len(info['skipped'])}")
     rate = stats["encoded"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
     reused = f"; {stats['verified_shards']} shards were already complete (checksums verified)" if stats["verified_shards"] else ""
     print(f"encoded {stats['encoded']} images in {stats['seconds']:.1f} s ({rate:.0f} images/s, "

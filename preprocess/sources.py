@@ -1,9 +1,15 @@
 """Readers for the three input layouts: HF ImageNet-1k parquet, ImageFolder, Tiny-ImageNet-200.
 
-Each source lists its samples cheaply as `SampleRef`s (key, label, where to find the bytes) and
-reads the bytes of one ref later, inside a worker. The class index is the position of the class in
-the source's class list: the sorted WordNet ids for folder layouts, the ClassLabel order for parquet
-(which for ILSVRC/imagenet-1k is the same sorted-wnid order that torchvision uses).
+Each source lists its samples cheaply as `SampleRef`s (key, label, where to find the bytes), in the
+source's own order (parquet row order; folders: class folder, then file name), and the bytes of a ref
+are read later, inside a worker. The class index is the position of the class in the source's class
+list: the sorted WordNet ids for folder layouts, the ClassLabel order for parquet (which for
+ILSVRC/imagenet-1k is the same sorted-wnid order that torchvision uses).
+
+Parquet may be local or remote: `--src` takes any fsspec URL of a folder, a file or a glob
+(`s3://bucket/imagenet/data`, `hf://datasets/ILSVRC/imagenet-1k/data`). Credentials come from the
+usual places (AWS_* variables, ~/.aws, an instance role; HF_TOKEN or `huggingface-cli login`) and an
+S3-compatible endpoint from AWS_ENDPOINT_URL; nothing here stores or prints them.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.parquet as pq
 
@@ -81,18 +88,44 @@ def read_bytes(location: tuple) -> bytes:
         return Path(location[1]).read_bytes()
     if kind == "parquet":
         _, file, row_group, row = location
-        images = _row_group_images(file, row_group)
-        value = images[row]
-        if value is None:
-            return b""
-        return value
+        return _row_group_images(file, row_group)[row] or b""
     raise ValueError(f"unknown location kind {kind!r}")
+
+
+def is_url(src: str) -> bool:
+    """True for fsspec URLs such as s3://bucket/prefix or hf://datasets/...; local paths are not URLs."""
+    return "://" in src and not src.startswith("file://")
+
+
+def public_url(src: str) -> str:
+    """`src` without user:password@ and without a query string, for logs and the manifest."""
+    if not is_url(src):
+        return src
+    parts = urlsplit(src)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def open_parquet(file: str) -> pq.ParquetFile:
+    """A ParquetFile for a local path or an fsspec URL (remote reads fetch only the byte ranges needed)."""
+    if not is_url(file):
+        return pq.ParquetFile(file)
+    import fsspec  # only remote sources need it
+
+    return pq.ParquetFile(fsspec.open(file, "rb").open(), pre_buffer=True)
 
 
 @lru_cache(maxsize=2)
 def _row_group_images(file: str, row_group: int) -> list:
     """The `image.bytes` column of one row group; cached because a shard reads its rows in order."""
-    table = pq.ParquetFile(file).read_row_group(row_group, columns=["image.bytes"])
+    return row_group_images(file, row_group)
+
+
+def row_group_images(file: str, row_group: int) -> list[bytes | None]:
+    """The `image.bytes` of every row of one row group, in row order."""
+    table = open_parquet(file).read_row_group(row_group, columns=["image.bytes"])
     return _leaf(table, "image", "bytes").to_pylist()
 
 
@@ -106,6 +139,9 @@ class HFParquetSource:
     """The `ILSVRC/imagenet-1k` parquet release (or anything in its schema), read without network."""
 
     format = "hf-parquet"
+    # Image bytes are cheap to read only in row order (a row costs its whole row group), so a shuffled
+    # split is written in two passes (see preprocess.shard).
+    sequential = True
 
     def __init__(self, src: str):
         self.src = src
@@ -126,7 +162,7 @@ class HFParquetSource:
     def _read_classes(file: str) -> list[ClassInfo]:
         from datasets import ClassLabel, Features  # heavy import, only needed here
 
-        schema = pq.read_schema(file)
+        schema = open_parquet(file).schema_arrow
         missing = [c for c in ("image", "label") if c not in schema.names]
         if missing:
             raise SourceError(f"{file}: parquet without {'/'.join(missing)} column(s) (has {schema.names}); "
@@ -153,7 +189,7 @@ class HFParquetSource:
     def refs(self, split: str) -> list[SampleRef]:
         keys, labels, locations = [], [], []
         for file in self.by_split.get(split, []):
-            pf = pq.ParquetFile(file)
+            pf = open_parquet(file)
             if "label" not in pf.schema_arrow.names or "image" not in pf.schema_arrow.names:
                 raise SourceError(f"{file}: parquet without image/label columns (has {pf.schema_arrow.names})")
             for rg in range(pf.num_row_groups):
@@ -167,12 +203,34 @@ class HFParquetSource:
 
 
 def find_parquet_files(src: str) -> list[str]:
+    """The .parquet files under a folder, a single file or a glob; local paths or fsspec URLs, sorted."""
+    if is_url(src):
+        return _find_remote_parquet(src)
     path = Path(src)
     if path.is_file():
         return [str(path)]
     if path.is_dir():
         return sorted(str(p) for p in path.rglob("*.parquet"))
     return sorted(glob.glob(src, recursive=True))
+
+
+def _find_remote_parquet(src: str) -> list[str]:
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(src)
+        if glob.has_magic(path):
+            found = fs.glob(path)
+        elif fs.isfile(path):
+            found = [path]
+        else:
+            found = fs.find(path)
+    except ImportError as exc:  # e.g. s3fs missing for s3://
+        raise SourceError(f"--src {public_url(src)}: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"--src {public_url(src)}: cannot list it ({type(exc).__name__}: {exc}); check the URL "
+                          f"and the credentials (AWS_* / ~/.aws / instance role; HF_TOKEN for hf://)") from exc
+    return sorted(fs.unstrip_protocol(p) for p in found if p.endswith(".parquet"))
 
 
 def split_of_parquet(file: str) -> str | None:
@@ -202,6 +260,7 @@ class ImageFolderSource:
     """`train/<wnid>/*.JPEG`, `val/<wnid>/*.JPEG` (torchvision ImageFolder layout)."""
 
     format = "imagefolder"
+    sequential = False  # any file can be read at any time
 
     def __init__(self, src: str):
         self.root = Path(src)
@@ -225,13 +284,14 @@ class ImageFolderSource:
                 raise SourceError(f"{class_dir}: class {class_dir.name!r} is not among the train/ classes")
             label = self._index[class_dir.name]
             refs += [SampleRef(safe_key(p.name), label, ("file", str(p))) for p in image_files(class_dir)]
-        return hash_order(_with_unique_keys(refs))
+        return _with_unique_keys(refs)
 
 
 class TinyImageNetSource:
     """Tiny-ImageNet-200: wnids.txt, words.txt, train/<wnid>/images/*, val/images/* + val_annotations.txt."""
 
     format = "tiny-imagenet"
+    sequential = False
 
     def __init__(self, src: str):
         self.root = Path(src)
@@ -276,7 +336,7 @@ class TinyImageNetSource:
                 if p.name not in self._val_labels:
                     raise SourceError(f"{p}: not listed in {self.root / 'val' / 'val_annotations.txt'}")
                 refs.append(SampleRef(safe_key(p.name), self._val_labels[p.name], ("file", str(p))))
-        return hash_order(_with_unique_keys(refs))
+        return _with_unique_keys(refs)
 
 
 def _with_unique_keys(refs: list[SampleRef]) -> list[SampleRef]:
@@ -301,6 +361,12 @@ def open_source(src: str | None, fmt: str = "auto"):
     if src is None:
         src = default_hf_src()
         fmt = "hf-parquet" if fmt == "auto" else fmt
+    if is_url(src):
+        if fmt not in ("auto", "hf-parquet"):
+            raise SourceError(f"--src {public_url(src)}: remote sources must be parquet (--format hf-parquet)")
+        if not find_parquet_files(src):
+            raise SourceError(f"--src {public_url(src)}: no .parquet files there")
+        return HFParquetSource(src)
     path = Path(src)
     if not path.exists() and not glob.glob(src):
         raise SourceError(f"--src {src}: no such file or directory")
@@ -321,7 +387,8 @@ def open_source(src: str | None, fmt: str = "auto"):
 
 
 def describe(source) -> dict:
-    return {"format": source.format, "path": str(Path(getattr(source, "src", None) or source.root).resolve())}
+    src = str(getattr(source, "src", None) or source.root)
+    return {"format": source.format, "path": public_url(src) if is_url(src) else str(Path(src).resolve())}
 
 
 def classes_json(classes: list[ClassInfo]) -> list[dict]:

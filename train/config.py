@@ -54,6 +54,8 @@ class DataConfig:
     num_threads: int = _opt(8, "DALI CPU threads per process", check=_POSITIVE)
     min_area: float = _opt(0.08, "smallest random-resized-crop area, as a fraction of the image",
                            check=("in (0, 1]", lambda v: 0 < v <= 1))
+    allow_unshuffled: bool = _opt(False, "train even if the train shards look class-sorted (fewer than half the "
+                                  "classes per shard that a random order gives); off: refuse, they would train badly")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from preprocess.manifest import DatasetError, load_manifest, split_shards
+from preprocess.manifest import DatasetError, class_sorted_problem, load_manifest, split_shards
 from train import checkpoint, config, distributed, engine, schedule
 from train.config import Config, ConfigError
 from train.model import ModelEma, build_model, build_optimizer, plain_state_dict
@@ -77,15 +77,28 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.resolve(args.config, overrides)
         device_type = distributed.pick_device(cfg.run.device)
         amp_dtype = engine.pick_precision(cfg.run.precision, device_type)
-        manifest = load_manifest(args.data)
-        split_shards(args.data, "train", manifest)
-        split_shards(args.data, "val", manifest)
+        manifest = check_data(args.data, cfg.data.allow_unshuffled)
     except (ConfigError, DatasetError, ValueError) as exc:
         if distributed.env_rank() == 0:
             print(f"train.main: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     run = Training(cfg, args.data, args.out, int(manifest["num_classes"]), device_type, amp_dtype)
     return run.execute()
+
+
+def check_data(data_dir: Path, allow_unshuffled: bool) -> dict:
+    """The shard folder's manifest, once its files are all there and its train split is shuffled
+    (class-sorted shards are refused: they waste a run); raises DatasetError saying what to do."""
+    manifest = load_manifest(data_dir)
+    split_shards(data_dir, "train", manifest)
+    split_shards(data_dir, "val", manifest)
+    problem = class_sorted_problem(data_dir, manifest, "train")
+    if problem and not allow_unshuffled:
+        raise DatasetError(f"{problem}; re-shard it with `python -m preprocess.shard` (it shuffles the train "
+                           f"split), or pass --data.allow_unshuffled=true to train anyway")
+    if problem and distributed.env_rank() == 0:
+        print(f"train.main: warning: {problem}; training anyway (--data.allow_unshuffled=true)", file=sys.stderr)
+    return manifest
 
 
 class Training:
