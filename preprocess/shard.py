@@ -423,7 +423,7 @@ def run(src: str | None, out: Path, *, fmt: str = "auto", splits: tuple[str, ...
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
     bars = Progress(progress)
     try:
-        desc = "encoding" if not two_pass else f"encoding (pass 1 of 2 for {','.join(two_pass)})"
+        desc = "encoding (pass 1 of 2)" if two_pass else "encoding"
         for kind, (split, index), summary in bars.run(pool, phase1, encoded, desc):
             if kind == "shard":
                 summaries[(split, index)] = summary
@@ -434,7 +434,7 @@ def run(src: str | None, out: Path, *, fmt: str = "auto", splits: tuple[str, ...
         jobs = itertools.chain.from_iterable(
             mix_jobs(todo[split], two_pass[split], chunk_summaries[split], images_per_shard)
             for split in two_pass if split in todo)
-        for _, where, summary in bars.run(pool, jobs, sum(len(t.refs) for t in mixing), "mixing (pass 2 of 2)"):
+        for _, where, summary in bars.run(pool, jobs, sum(len(t.refs) for t in mixing), f"mixing {','.join(two_pass)} (pass 2 of 2)"):
             summaries[where] = summary
     finally:
         if pool is not None:
