@@ -18,6 +18,7 @@ import glob
 import hashlib
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -187,19 +188,33 @@ class HFParquetSource:
         return sorted(self.by_split)
 
     def refs(self, split: str) -> list[SampleRef]:
+        files = self.by_split.get(split, [])
+        # Only the small path/label columns are read here; remote files are listed 16 at a time.
+        if is_url(self.src):
+            with ThreadPoolExecutor(16) as pool:
+                listed = list(pool.map(_list_rows, files))
+        else:
+            listed = [_list_rows(f) for f in files]
         keys, labels, locations = [], [], []
-        for file in self.by_split.get(split, []):
-            pf = open_parquet(file)
-            if "label" not in pf.schema_arrow.names or "image" not in pf.schema_arrow.names:
-                raise SourceError(f"{file}: parquet without image/label columns (has {pf.schema_arrow.names})")
-            for rg in range(pf.num_row_groups):
-                table = pf.read_row_group(rg, columns=["image.path", "label"])
-                paths = _leaf(table, "image", "path").to_pylist()
-                for row, (path, label) in enumerate(zip(paths, table.column("label").to_pylist())):
-                    keys.append(safe_key(path) if path else f"{split}_{len(keys):08d}")
-                    labels.append(-1 if label is None else int(label))
-                    locations.append(("parquet", file, rg, row))
+        for file, rows in zip(files, listed):
+            for path, label, rg, row in rows:
+                keys.append(safe_key(path) if path else f"{split}_{len(keys):08d}")
+                labels.append(-1 if label is None else int(label))
+                locations.append(("parquet", file, rg, row))
         return [SampleRef(k, l, loc) for k, l, loc in zip(unique_keys(keys), labels, locations)]
+
+
+def _list_rows(file: str) -> list[tuple]:
+    """(image.path, label, row group, row) of every row of one parquet file, without the image bytes."""
+    pf = open_parquet(file)
+    if "label" not in pf.schema_arrow.names or "image" not in pf.schema_arrow.names:
+        raise SourceError(f"{public_url(file)}: parquet without image/label columns (has {pf.schema_arrow.names})")
+    rows = []
+    for rg in range(pf.num_row_groups):
+        table = pf.read_row_group(rg, columns=["image.path", "label"])
+        paths = _leaf(table, "image", "path").to_pylist()
+        rows += [(path, label, rg, row) for row, (path, label) in enumerate(zip(paths, table.column("label").to_pylist()))]
+    return rows
 
 
 def find_parquet_files(src: str) -> list[str]:
