@@ -16,13 +16,15 @@ How a shuffled split is written
 - Folder sources can read any file at any time, so each shard task reads its own files (one pass).
 - Parquet can only be read cheaply in row order (one row costs its whole row group, locally or over
   the network), so a shuffled split takes two passes and reads the source once:
-  1. encode: one task per row group reads it, re-encodes its images and appends them to
-     `.work/<split>/chunk-NNNNNN.bin`, sorted by their place in the shuffled order;
-     `chunk-NNNNNN.json`, written last, says where each sample is. Each worker holds one row group.
-  2. mix: one task per shard reads its samples from the chunks (one seek each), in order, and writes
-     the tar exactly as the one-pass path would.
-  The encoded split sits on disk twice until its last shard is written (peak: about twice the size
-  of the shards); then `.work/` is deleted.
+  1. encode: one task per row group reads it, re-encodes its images and writes them, sorted by their
+     place in the shuffled order, to `.work/<split>/group-GGG/chunk-NNNNNN.bin`: one file per group
+     of consecutive shards (MIX_GROUPS groups); `chunk-NNNNNN.json`, written last, says where each
+     sample is. Each worker holds one row group in memory.
+  2. mix: one task per shard, in shard order, reads its samples from the chunks (one seek each) and
+     writes the tar exactly as the one-pass path would. When a group's last shard is written, the
+     group's chunk files are deleted, so the disk holds the shards plus about one group of pass-1
+     data (peak ~ (1 + 1/MIX_GROUPS) x the shards), never the split twice.
+  Resuming re-encodes only the rows that feed missing shards' groups.
 
 Resume: every shard (and chunk) is planned before any work starts, so its contents do not depend on
 the workers or on where an earlier run stopped. A shard or chunk is complete when its `.json` exists
@@ -43,7 +45,7 @@ import shutil
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -58,6 +60,9 @@ from preprocess.writer import ShardWriter, file_sha256, shard_name
 SPLITS = ("train", "val", "test")
 SHUFFLED_SPLITS = ("train",)
 WORK_DIR = ".work"  # pass-1 chunks of two-pass splits; deleted once the manifest is written
+# Pass-1 output is cut into this many groups of consecutive shards; each group is deleted as soon as its
+# shards are written, so the disk peaks near (1 + 1/MIX_GROUPS) x the shards' size, not twice it.
+MIX_GROUPS = 16
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,10 @@ class ShardTask:
 
 @dataclass(frozen=True)
 class ChunkTask:
-    """Pass 1 of a two-pass split: the rows of one parquet row group, each with its shuffled position."""
+    """Pass 1 of a two-pass split: the rows of one parquet row group, each with its shuffled position.
+
+    Its output is cut by destination: one file per group of consecutive shards
+    (`group-GGG/chunk-NNNNNN.bin`), so that a group's files can be deleted as soon as its shards exist."""
 
     split: str
     index: int
@@ -97,14 +105,23 @@ class ChunkTask:
     num_classes: int
     settings: EncodeSettings
     work_dir: str
+    per_group: int  # positions per group of shards
+    groups: tuple[int, ...] = ()  # the groups to write in this run: those with shards still missing
 
     @property
     def summary_path(self) -> Path:
         return Path(self.work_dir) / f"chunk-{self.index:06d}.json"
 
+    def samples(self) -> int:
+        """How many of its rows this run encodes: those of `groups`."""
+        return sum(1 for p in self.positions if p // self.per_group in self.groups)
+
+    def data_path(self, group: int) -> Path:
+        return Path(self.work_dir) / f"group-{group:03d}" / f"chunk-{self.index:06d}.bin"
+
     def plan_id(self) -> str:
         rows = [(r.key, r.label, p) for r, p in zip(self.refs, self.positions)]
-        return f"{self.settings.digest()}:{hashlib.sha256(json.dumps(rows).encode()).hexdigest()}"
+        return f"{self.settings.digest()}:{self.per_group}:{hashlib.sha256(json.dumps(rows).encode()).hexdigest()}"
 
 
 # An encoded sample: (JPEG bytes, fixes); a str instead is the reason it was skipped.
@@ -170,27 +187,35 @@ def write_shard(task: ShardTask, outcomes: Iterable[Outcome] | None = None) -> d
 
 
 def encode_chunk(task: ChunkTask) -> dict:
-    """Pass 1: encode one row group into `chunk-NNNNNN.bin` in position order; returns its summary."""
+    """Pass 1: encode the rows of one row group that belong to `task.groups`, into one file per group,
+    in position order; returns the summary (written last)."""
     first = task.refs[0].location
     images = row_group_images(first[1], first[2])
-    bin_path = task.summary_path.with_suffix(".bin")
-    tmp = bin_path.with_suffix(".bin.tmp")
-    samples = []
-    offset = 0
-    with open(tmp, "wb") as f:
-        for ref, position in zip(task.refs, task.positions):
-            outcome = encode_ref(ref, images[ref.location[3]] or b"", task.split, task.num_classes, task.settings)
-            if isinstance(outcome, str):
-                samples.append([position, -1, 0, outcome])
-                continue
-            jpeg, fixes = outcome
-            f.write(jpeg)
-            samples.append([position, offset, len(jpeg), fixes])
-            offset += len(jpeg)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, bin_path)
-    summary = {"plan": task.plan_id(), "bytes": offset, "samples": samples}
+    rows = list(zip(task.refs, task.positions))
+    samples, sizes = [], {}
+    for group in task.groups:
+        path = task.data_path(group)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(".bin.tmp")
+        offset = 0
+        with open(tmp, "wb") as f:
+            for ref, position in rows:
+                if position // task.per_group != group:
+                    continue
+                outcome = encode_ref(ref, images[ref.location[3]] or b"", task.split, task.num_classes,
+                                     task.settings)
+                if isinstance(outcome, str):
+                    samples.append([position, -1, 0, outcome])
+                    continue
+                jpeg, fixes = outcome
+                f.write(jpeg)
+                samples.append([position, offset, len(jpeg), fixes])
+                offset += len(jpeg)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        sizes[str(group)] = offset
+    summary = {"plan": task.plan_id(), "groups": sizes, "samples": samples}
     write_json_atomic(task.summary_path, summary)
     return summary
 
@@ -199,25 +224,21 @@ def mix_shard(job: tuple[ShardTask, list[tuple]]) -> dict:
     """Pass 2: write one shard from its samples in the pass-1 chunks. `job` = (task, [(position,
     chunk file, offset, length, fixes or skip reason), ...] in position order)."""
     task, entries = job
-    files: dict[str, object] = {}
 
     def outcomes() -> Iterator[Outcome]:
         for _, chunk, offset, length, extra in entries:
             if offset < 0:
                 yield extra
                 continue
-            f = files.get(chunk) or files.setdefault(chunk, open(chunk, "rb"))
-            f.seek(offset)
-            data = f.read(length)
+            # Opened per sample: a shard draws from ~1000 chunks, more than the usual open-file limit.
+            with open(chunk, "rb") as f:
+                f.seek(offset)
+                data = f.read(length)
             if len(data) != length:
                 raise OSError(f"{chunk}: truncated; delete {Path(chunk).parent} and re-run")
             yield data, extra
 
-    try:
-        return write_shard(task, outcomes())
-    finally:
-        for f in files.values():
-            f.close()
+    return write_shard(task, outcomes())
 
 
 def _run_job(job) -> tuple[str, object, dict]:
@@ -262,23 +283,37 @@ def clean_split_dir(directory: Path, keep: set[str]) -> None:
             p.unlink()
 
 
-def clean_work_dir(directory: Path, chunks: int) -> None:
-    """Drop temp files of a killed run and chunks beyond the current plan."""
+def clean_work_dir(directory: Path, chunks: int, groups: set[int]) -> None:
+    """Drop temp files of a killed run, chunks beyond the current plan and groups no longer needed."""
+    def stale(name: str, prefix: str, count: int) -> bool:
+        index = name.split(".", 1)[0].removeprefix(prefix)
+        return name.endswith(".tmp") or not index.isdigit() or int(index) >= count
+
     for p in directory.iterdir():
-        index = p.name.split(".", 1)[0].removeprefix("chunk-")
-        if p.name.endswith(".tmp") or not index.isdigit() or int(index) >= chunks:
+        if p.is_dir():
+            if stale(p.name, "group-", 10 ** 6) or int(p.name.removeprefix("group-")) not in groups:
+                shutil.rmtree(p)
+                continue
+            for f in p.iterdir():
+                if stale(f.name, "chunk-", chunks):
+                    f.unlink()
+        elif stale(p.name, "chunk-", chunks):
             p.unlink()
 
 
 def completed_chunk(task: ChunkTask) -> dict | None:
-    """The summary of a pass-1 chunk of the same plan whose data file is whole, else None."""
+    """The summary of a pass-1 chunk of the same plan whose files for `task.groups` are whole, else None."""
     try:
         summary = json.loads(task.summary_path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    data = task.summary_path.with_suffix(".bin")
-    if summary.get("plan") != task.plan_id() or not data.is_file() or data.stat().st_size != summary["bytes"]:
+    if summary.get("plan") != task.plan_id():
         return None
+    for group in task.groups:
+        size = summary["groups"].get(str(group))
+        path = task.data_path(group)
+        if size is None or not path.is_file() or path.stat().st_size != size:
+            return None
     return summary
 
 
@@ -312,7 +347,7 @@ def check_writable(out: Path) -> None:
 
 
 def chunk_tasks(split: str, ordered: list[SampleRef], num_classes: int, settings: EncodeSettings,
-                work_dir: Path) -> list[ChunkTask]:
+                work_dir: Path, per_group: int) -> list[ChunkTask]:
     """One pass-1 task per parquet row group, its rows sorted by their place in `ordered`."""
     position = {ref.key: i for i, ref in enumerate(ordered)}
     source_order = sorted(ordered, key=lambda r: r.location[1:])  # (file, row group, row)
@@ -320,7 +355,7 @@ def chunk_tasks(split: str, ordered: list[SampleRef], num_classes: int, settings
     for _, group in itertools.groupby(source_order, key=lambda r: r.location[1:3]):
         rows = sorted((position[r.key], r) for r in group)
         tasks.append(ChunkTask(split, len(tasks), tuple(r for _, r in rows), tuple(p for p, _ in rows), num_classes,
-                               settings, str(work_dir)))
+                               settings, str(work_dir), per_group))
     return tasks
 
 
@@ -331,9 +366,10 @@ def mix_jobs(tasks: list[ShardTask], chunks: list[ChunkTask], chunk_summaries: d
     wanted = {t.index for t in tasks}
     entries: dict[int, list[tuple]] = defaultdict(list)
     for index, summary in chunk_summaries.items():
-        data = str(chunks[index].summary_path.with_suffix(".bin"))
+        chunk = chunks[index]
         for position, offset, length, extra in summary["samples"]:
             if position // per_shard in wanted:
+                data = str(chunk.data_path(position // chunk.per_group))
                 entries[position // per_shard].append((position, data, offset, length, extra))
     for task in tasks:
         found = sorted(entries.pop(task.index, []))
@@ -386,7 +422,8 @@ def run(src: str | None, out: Path, *, fmt: str = "auto", splits: tuple[str, ...
         clean_split_dir(out / split, {shard_name(i) for i in range(len(shards))})
         tasks[split] = [ShardTask(split, i, tuple(r), num_classes, settings, str(out)) for i, r in enumerate(shards)]
         if split in SHUFFLED_SPLITS and source.sequential:
-            two_pass[split] = chunk_tasks(split, ordered, num_classes, settings, out / WORK_DIR / split)
+            per_group = -(-len(shards) // MIX_GROUPS) * images_per_shard
+            two_pass[split] = chunk_tasks(split, ordered, num_classes, settings, out / WORK_DIR / split, per_group)
 
     summaries: dict[tuple[str, int], dict] = {}
     todo: dict[str, list[ShardTask]] = {}
@@ -406,18 +443,21 @@ def run(src: str | None, out: Path, *, fmt: str = "auto", splits: tuple[str, ...
             continue
         work = out / WORK_DIR / split
         work.mkdir(parents=True, exist_ok=True)
-        clean_work_dir(work, len(chunks))
+        per_group = chunks[0].per_group
+        needed = {t.index * images_per_shard // per_group for t in todo[split]}
+        clean_work_dir(work, len(chunks), needed)
         chunk_summaries[split] = {}
-        missing_shards = {t.index for t in todo[split]}
         for chunk in chunks:
-            if not any(p // images_per_shard in missing_shards for p in chunk.positions):
+            groups = tuple(sorted(needed & {p // per_group for p in chunk.positions}))
+            if not groups:
                 continue  # feeds only shards that are already complete
+            chunk = replace(chunk, groups=groups)
             done = completed_chunk(chunk)
             if done is not None:
                 chunk_summaries[split][chunk.index] = done
             else:
                 phase1.append(chunk)
-    encoded = sum(len(t.refs) for t in phase1)
+    encoded = sum(t.samples() if isinstance(t, ChunkTask) else len(t.refs) for t in phase1)
 
     start = time.perf_counter()
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
@@ -434,8 +474,16 @@ def run(src: str | None, out: Path, *, fmt: str = "auto", splits: tuple[str, ...
         jobs = itertools.chain.from_iterable(
             mix_jobs(todo[split], two_pass[split], chunk_summaries[split], images_per_shard)
             for split in two_pass if split in todo)
-        for _, where, summary in bars.run(pool, jobs, sum(len(t.refs) for t in mixing), f"mixing {','.join(two_pass)} (pass 2 of 2)"):
-            summaries[where] = summary
+        # A group's pass-1 files go as soon as its last shard is written: the disk holds the shards plus
+        # about one group (1/MIX_GROUPS of the split) of pass-1 data, not the split twice.
+        group_left = Counter((t.split, t.index * images_per_shard // two_pass[t.split][0].per_group) for t in mixing)
+        desc = f"mixing {','.join(two_pass)} (pass 2 of 2)"
+        for _, (split, index), summary in bars.run(pool, jobs, sum(len(t.refs) for t in mixing), desc):
+            summaries[(split, index)] = summary
+            group = index * images_per_shard // two_pass[split][0].per_group
+            group_left[(split, group)] -= 1
+            if group_left[(split, group)] == 0:
+                shutil.rmtree(out / WORK_DIR / split / f"group-{group:03d}", ignore_errors=True)
     finally:
         if pool is not None:
             pool.terminate()
@@ -453,8 +501,9 @@ def run(src: str | None, out: Path, *, fmt: str = "auto", splits: tuple[str, ...
     }
     write_json_atomic(out / MANIFEST, manifest)
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
-    manifest["_stats"] = {"seconds": elapsed, "encoded": encoded, "written_shards": sum(len(ts) for ts in todo.values()),
-                          "verified_shards": sum(len(ts) for ts in tasks.values()) - sum(len(ts) for ts in todo.values())}
+    written = sum(len(ts) for ts in todo.values())
+    manifest["_stats"] = {"seconds": elapsed, "encoded": encoded, "written_shards": written,
+                          "verified_shards": sum(len(ts) for ts in tasks.values()) - written}
     return manifest
 
 
@@ -463,10 +512,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m preprocess.shard",
         description="Convert ImageNet-1k (Hugging Face parquet, ImageFolder or Tiny-ImageNet-200) into WebDataset "
                     "tar shards with DALI index files and a manifest.json. Re-running the same command resumes "
-                    "and verifies; the same input and settings give byte-identical shards.")
+                    "and verifies; the same input and settings give byte-identical shards. The train split is "
+                    "written in one seeded global random order whatever the source's order (parquet in two passes, "
+                    "the disk peaking near 1.07x the shards' size); val/test keep the source's order.")
     p.add_argument("--out", required=True, type=Path, help="output folder (train/, val/, manifest.json go here)")
     p.add_argument("--src", default=None,
-                   help="input: a folder or glob of HF parquet files, an ImageFolder root or a Tiny-ImageNet-200 "
+                   help="input: a folder, file or glob of HF parquet files, local or an fsspec URL (s3://bucket/prefix, "
+                        "hf://datasets/ILSVRC/imagenet-1k/data), an ImageFolder root or a Tiny-ImageNet-200 "
                         "root (default: ILSVRC/imagenet-1k in the local Hugging Face cache)")
     p.add_argument("--format", default="auto", choices=["auto", "hf-parquet", "imagefolder", "tiny-imagenet"],
                    help="input layout (default: detected from --src)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,7 +114,7 @@ def test_the_shuffle_seed_changes_the_order_not_the_contents(sorted_src, sorted_
 
 
 @pytest.mark.parametrize("phase,marker", [("encode", ".work/train/chunk-*.json"), ("mix", "train/shard-*.json")])
-def test_kill_in_either_pass_resumes_to_identical_bytes(phase, marker, sorted_src, tmp_path):
+def test_kill_in_either_pass_resumes_to_identical_bytes(phase, marker, rows, sorted_src, tmp_path):
     per_shard = 10  # many small shards: the mix pass lasts long enough to be killed in
     reference = tmp_path / "reference"
     shard.run(str(sorted_src), reference, images_per_shard=per_shard, workers=1, progress=False)
@@ -130,8 +131,13 @@ def test_kill_in_either_pass_resumes_to_identical_bytes(phase, marker, sorted_sr
     assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
     if phase == "encode":
         assert not list(out.glob("train/shard-*.json")), "killed too late: the mix pass had begun"
-    shard_cli(*args, "--workers", 2)
+    resumed = shard_cli(*args, "--workers", 2)
     assert tree_bytes(out) == tree_bytes(reference)
+    encoded = int(re.search(r"encoded (\d+) images", resumed.stdout).group(1))
+    if phase == "encode":  # finished chunks are kept: at least the one that was seen is not encoded again
+        assert encoded <= len(rows["train"]) + len(rows["val"]) - 40
+    else:  # every chunk was finished: nothing is encoded again
+        assert encoded == 0
 
 
 def _class_sorted_shards(src: Path, out: Path, monkeypatch) -> Path:
