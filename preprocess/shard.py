@@ -257,13 +257,19 @@ def write_json_atomic(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
-def completed_summary(task: ShardTask, verify: bool = True) -> dict | None:
-    """The summary of an already-written shard of the same plan whose tar still checks out, else None."""
+def read_summary(task: ShardTask | ChunkTask) -> dict | None:
+    """The summary a finished task left, if it was planned exactly like `task`, else None."""
     try:
         summary = json.loads(task.summary_path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if summary.get("plan") != task.plan_id():
+    return summary if summary.get("plan") == task.plan_id() else None
+
+
+def completed_summary(task: ShardTask, verify: bool = True) -> dict | None:
+    """The summary of an already-written shard of the same plan whose tar still checks out, else None."""
+    summary = read_summary(task)
+    if summary is None:
         return None
     if summary["images"] == 0:
         return summary
@@ -303,11 +309,8 @@ def clean_work_dir(directory: Path, chunks: int, groups: set[int]) -> None:
 
 def completed_chunk(task: ChunkTask) -> dict | None:
     """The summary of a pass-1 chunk of the same plan whose files for `task.groups` are whole, else None."""
-    try:
-        summary = json.loads(task.summary_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if summary.get("plan") != task.plan_id():
+    summary = read_summary(task)
+    if summary is None:
         return None
     for group in task.groups:
         size = summary["groups"].get(str(group))
