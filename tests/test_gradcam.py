@@ -13,7 +13,7 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from viz import gradcam, render
+from viz import evaluate as evaluation, gradcam, loader, render
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -225,7 +225,8 @@ def test_tiny_imagenet_val_maps_to_imagenet_classes(tmp_path):
         assert [c.name for c in data.classes] == ["tench", "goldfish", "great white shark"]  # sorted wnids
     mapped = gradcam.match_model(data, 1000)
     assert mapped.label_map == (0, 1, 2) and mapped.classes[999].name == "toilet tissue"
-    labels = {key: label for batch in gradcam.Batches(mapped, 16, 0.875, 8) for key, label in zip(batch[1], batch[2])}
+    batches = loader.batches(mapped, res=16, crop_ratio=0.875, batch_size=8)
+    labels = {key: label for batch in batches for key, label in zip(batch.keys, batch.labels)}
     assert labels == {"val_0": 1, "val_1": 0, "val_2": 2}
     with pytest.raises(gradcam.VizError, match="has 3 classes, the checkpoint 10"):
         gradcam.match_model(data, 10)
@@ -236,7 +237,7 @@ def test_imagefolder_uses_the_train_class_list(tmp_path):
         (tmp_path / "train" / wnid).mkdir(parents=True)
     _jpeg(tmp_path / "val" / "n01484850" / "a.JPEG")
     data = gradcam.open_data(tmp_path)
-    assert len(data.classes) == 3 and data.parts[0].files[0][:2] == ("a", 2)
+    assert len(data.classes) == 3 and data.files[0][:2] == ("a", 2)
 
 
 def test_unknown_layout_is_an_error(tmp_path):
@@ -367,11 +368,11 @@ class _LeftHalfScorer(torch.nn.Module):
 
 def test_flip_averaging_uses_the_mirror(shards_dir):
     data = gradcam.open_data(shards_dir)
-    batches = list(gradcam.load_batches(gradcam.Batches(data, 64, 0.875, 16, limit=16), 0))
+    batches = list(loader.batches(data, res=64, crop_ratio=0.875, batch_size=16, limit=16))
     model, device = _LeftHalfScorer(), torch.device("cpu")
-    plain, _ = gradcam.evaluate(model, batches, device, progress=False)
-    flipped, _ = gradcam.evaluate(model, batches, device, progress=False, flip=True)
-    images = torch.cat([b[3] for b in batches])
+    plain = evaluation.predict(model, batches, device=device, progress=False).predictions
+    flipped = evaluation.predict(model, batches, device=device, progress=False, flip=True).predictions
+    images = torch.cat([b.images for b in batches])
     both = (model(images) + model(torch.flip(images, dims=[3]))) / 2  # = logits of the mean of both halves
     assert [p.confidence for p in flipped] == pytest.approx(torch.softmax(both, 1).max(1).values.tolist(), abs=1e-6)
     assert [p.confidence for p in flipped] != pytest.approx([p.confidence for p in plain], abs=1e-6)

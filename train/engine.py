@@ -114,6 +114,17 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     return False
 
 
+def eval_logits(model: nn.Module, images: torch.Tensor, *, amp_dtype: torch.dtype | None,
+                flip_tta: bool) -> torch.Tensor:
+    """fp32 logits of a batch as validation scores it; with flip_tta the sum of the image's and its
+    mirror's (same ranking as their mean). viz calls this too, so its predictions are the trainer's."""
+    with autocast(images.device.type, amp_dtype):
+        logits = model(images).float()
+        if flip_tta:
+            logits = logits + model(torch.flip(images, dims=[3])).float()
+    return logits
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, *, device: torch.device, amp_dtype: torch.dtype | None,
              flip_tta: bool) -> dict:
@@ -124,10 +135,7 @@ def evaluate(model: nn.Module, batches: Iterable, *, device: torch.device, amp_d
     for images, labels in batches:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        with autocast(device.type, amp_dtype):
-            logits = model(images).float()
-            if flip_tta:
-                logits = logits + model(torch.flip(images, dims=[3])).float()
+        logits = eval_logits(model, images, amp_dtype=amp_dtype, flip_tta=flip_tta)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == labels[:, None]
         totals[0] += hits[:, 0].sum()
