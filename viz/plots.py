@@ -95,6 +95,28 @@ def plot_curves(records: list[dict], out: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_class_accuracy(accuracies: list[float], out: Path, title: str) -> None:
+    """Per-class top-1 (%), classes sorted from worst to best: where the model is weak at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = sorted(100 * a for a in accuracies)
+    fig, ax = plt.subplots(figsize=(10, 3.2), constrained_layout=True)
+    ax.bar(range(len(values)), values, width=1.0, color="#4878a8")
+    ax.axhline(sum(values) / max(len(values), 1), color="#c03030", linewidth=1, label="mean over classes")
+    ax.set_xlim(-0.5, len(values) - 0.5)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("classes, worst to best")
+    ax.set_ylabel("top-1 %")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m viz.plots",
                                 description="Plot loss, top-1/top-5, LR, resolution, images/s and epoch time per "

@@ -73,7 +73,7 @@ def to_cell(crop: Image.Image) -> Image.Image:
 
 def overlay(cell: Image.Image, cam: np.ndarray) -> Image.Image:
     """The heatmap (resized to the cell, bilinear) blended over the cell image with grad-cam's colour map."""
-    cam = cv2.resize(np.asarray(cam, dtype=np.float32), (CELL, CELL), interpolation=cv2.INTER_LINEAR)
+    cam = cv2.resize(np.asarray(cam, dtype=np.float32), cell.size, interpolation=cv2.INTER_LINEAR)
     rgb = np.asarray(cell, dtype=np.float32) / 255.0
     return Image.fromarray(show_cam_on_image(rgb, np.clip(cam, 0, 1), use_rgb=True, image_weight=CAM_WEIGHT))
 
@@ -111,3 +111,18 @@ def render_grid(rows: list[GridRow], header: tuple[str, ...]) -> Image.Image:
                 draw.text((left, top + line * LINE_H), fit_text(text, CELL, face), fill=colour, font=face)
             canvas.paste(image, (left, top + TITLE_H))
     return canvas
+
+
+def cam_strip(crop: Image.Image, cam_predicted: np.ndarray, cam_true: np.ndarray, side: int = CELL,
+              gap: int = PAD) -> Image.Image:
+    """crop | CAM of the predicted class | CAM of the true class, each `side` px, `gap` px apart (the
+    report's captions are HTML, so the strip carries no text)."""
+    cell = crop.convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
+    strip = Image.new("RGB", (3 * side + 2 * gap, side), BACKGROUND)
+    for column, image in enumerate((cell, overlay(cell, cam_predicted), overlay(cell, cam_true))):
+        strip.paste(image, (column * (side + gap), 0))
+    return strip
+
+
+def thumbnail(crop: Image.Image, side: int) -> Image.Image:
+    return crop.convert("RGB").resize((side, side), Image.Resampling.BILINEAR)

@@ -1,0 +1,260 @@
+"""viz evaluates as the trainer does (same top-1, same prediction for every image), folders go through the
+same decode/resize/crop as shards, other trainers' checkpoints load, and viz.report writes a self-contained
+page that a real headless Chromium renders without errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from preprocess.manifest import split_shards
+from viz import evaluate as evaluation, loader, report
+from viz.datasets import open_data
+from viz.gradcam import prepare, run_evaluation
+
+ROOT = Path(__file__).resolve().parents[1]
+# A ResNet-18 at 32 -> 64 px with EMA and flip TTA (so the EMA weights are what the trainer validated).
+TINY = ["--config", "smoke", "--model.arch=resnet18", "--data.batch_size=16", "--data.num_threads=1",
+        "--val.batch_size=35", "--schedule.res_min=32", "--schedule.res_max=64", "--val.res=64",
+        "--run.tensorboard=false", "--checkpoint.every_minutes=0", "--schedule.epochs=2", "--ema.enabled=true",
+        "--ema.decay=0.5", "--val.flip_tta=true"]
+SETTINGS = dict(num_classes=None, weights="auto", blurpool="auto", flip_tta="auto", device="cpu",
+                precision="auto", batch_size=None, res=None, crop_ratio=None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(shards_dir, tmp_path_factory) -> Path:
+    """A 2-epoch run of the trainer (its best.pt, metrics.jsonl, config.yaml) on the shared test shards."""
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "train.main", "--data", str(shards_dir), "--out", str(out), *TINY],
+                          cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def last_record(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+class _Relabelled:
+    """The trainer's ValLoader with each image's label replaced by the class viz predicted for it."""
+
+    def __init__(self, val_loader, predicted: dict[str, int]):
+        self.val_loader, self.predicted = val_loader, predicted
+
+    def __iter__(self):
+        for images, _, keys in self.val_loader:
+            yield images, torch.tensor([self.predicted[k] for k in keys])
+
+
+def test_viz_top1_is_the_trainers_to_the_image(tiny_run, shards_dir):
+    from train import engine
+    from train.config import ModelConfig
+    from train.data import ValLoader
+    from train.model import build_model
+
+    best = torch.load(tiny_run / "checkpoints" / "best.pt", weights_only=True)
+    record = best["history"][-1]
+    setup = prepare(str(tiny_run / "checkpoints" / "best.pt"), **SETTINGS)
+    assert setup.loaded.weights == "ema" and setup.flip and setup.res == 64 and setup.batch_size == 35
+    result = run_evaluation(setup.model, open_data(shards_dir), res=setup.res, crop_ratio=setup.crop_ratio,
+                            batch_size=setup.batch_size, limit=None, threads=1, flip=setup.flip, progress=False)
+    # The trainer's logged numbers, as counts of images: equal, not close.
+    assert len(result.predictions) == record["val_images"]
+    assert sum(p.correct for p in result.predictions) == round(record["top1"] * record["val_images"])
+    assert sum(p.top5_correct for p in result.predictions) == round(record["top5"] * record["val_images"])
+    assert setup.loaded.info["trainer_top1"] == record["top1"] == best["best_top1"]
+
+    # Image by image: the trainer's own model, loader and evaluate() score viz's predictions as the labels,
+    # so top-1 = 1 exactly when viz predicted, for every image, the class the trainer's evaluation ranks first.
+    config = best["config"]
+    model = build_model(ModelConfig(**config["model"]), len(setup.loaded.model.fc.bias))
+    model = model.to(memory_format=torch.channels_last)
+    model.load_state_dict(best["ema"]["model"])
+    val = ValLoader(shards_dir, config["val"]["batch_size"], res=config["val"]["res"],
+                    crop_ratio=config["val"]["crop_ratio"], num_threads=1, with_keys=True)
+    predicted = {p.key: p.predicted for p in result.predictions}
+    agreement = engine.evaluate(model, _Relabelled(val, predicted), device=torch.device("cpu"), amp_dtype=None,
+                                flip_tta=config["val"]["flip_tta"])
+    assert agreement["images"] == len(predicted) and agreement["top1"] == 1.0
+    truth = engine.evaluate(model, ((images, labels) for images, labels, _ in val), device=torch.device("cpu"),
+                            amp_dtype=None, flip_tta=config["val"]["flip_tta"])
+    assert truth["top1"] == pytest.approx(result.top1, abs=0) and truth["top5"] == pytest.approx(result.top5, abs=0)
+
+
+def export_folder(shards_dir: Path, out: Path) -> Path:
+    """The shards' val JPEGs, byte for byte, as an ImageFolder val/c<label>/<key>.jpg."""
+    for tar, _ in split_shards(shards_dir, "val"):
+        with tarfile.open(tar) as archive:
+            members = {m.name: m for m in archive.getmembers()}
+            for name in members:
+                if name.endswith(".jpg"):
+                    key = name[:-4]
+                    label = int(archive.extractfile(members[key + ".cls"]).read())
+                    (out / "val" / f"c{label}").mkdir(parents=True, exist_ok=True)
+                    (out / "val" / f"c{label}" / name).write_bytes(archive.extractfile(members[name]).read())
+    return out
+
+
+def test_folder_input_goes_through_the_same_decode_resize_crop(shards_dir, tmp_path):
+    folder = open_data(export_folder(shards_dir, tmp_path))
+    shards = open_data(shards_dir)
+    assert folder.layout == "imagefolder" and folder.size == shards.size
+    # The pixels: ValLoader's tensors equal the folder pipeline's for the same JPEG bytes.
+    from train.data import ValLoader
+
+    val = ValLoader(shards_dir, 16, res=48, crop_ratio=0.8, num_threads=1, with_keys=True)
+    images, _, keys = next(iter(val))
+    by_key = {key: i for i, (key, _, _) in enumerate(folder.files)}
+    fetched = loader.fetch_images(folder, [by_key[k] for k in keys], res=48, crop_ratio=0.8, num_threads=1)
+    assert torch.equal(torch.stack([fetched[by_key[k]] for k in keys]), images.float())
+    # Random access into the shards (for Grad-CAM) finds the same images at the same positions.
+    again = loader.fetch_images(shards, list(range(len(keys))), res=48, crop_ratio=0.8, num_threads=1)
+    assert torch.equal(torch.stack([again[i] for i in range(len(keys))]), images.float())
+    # The predictions of a model on both inputs, image by image (labels: the folder's class names are c<i>).
+    torch.manual_seed(0)
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    a = run_evaluation(model, shards, res=48, crop_ratio=0.8, batch_size=16, limit=None, threads=1, flip=False,
+                       progress=False)
+    b = run_evaluation(model, folder, res=48, crop_ratio=0.8, batch_size=16, limit=None, threads=1, flip=False,
+                       progress=False)
+    names = [c.name for c in folder.classes]
+    assert {p.key: (p.label, p.predicted) for p in a.predictions} == {
+        p.key: (int(names[p.label][1:]), int(names[p.predicted][1:])) for p in b.predictions}
+    assert a.top1 == b.top1
+
+
+def test_other_trainers_checkpoints(tiny_run, shards_dir, tmp_path):
+    """PyTorch's ImageNet example (model_best.pth.tar with "module." keys), torch.compile's "_orig_mod." and
+    a plain torchvision state_dict all load to the same weights; --weights model picks the raw ones."""
+    from viz.weights import VizError, load_model
+
+    best = torch.load(tiny_run / "checkpoints" / "best.pt", weights_only=True)
+    ema, raw = best["ema"]["model"], best["model"]
+    torch.save({"epoch": 2, "arch": "resnet18", "best_acc1": torch.tensor(12.5),
+                "state_dict": {f"module.{k}": v for k, v in ema.items()},
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}}, tmp_path / "model_best.pth.tar")
+    torch.save({f"_orig_mod.{k}": v for k, v in ema.items()}, tmp_path / "compiled.pth")
+    example = load_model(tmp_path / "model_best.pth.tar")
+    assert example.arch == "resnet18" and example.info == {"epoch": 2, "arch": "resnet18", "best_acc1": 12.5}
+    compiled = load_model(tmp_path / "compiled.pth")
+    ours = load_model(tiny_run / "checkpoints" / "best.pt")
+    for other in (example, compiled):
+        assert all(torch.equal(a, b) for a, b in zip(other.model.state_dict().values(),
+                                                     ours.model.state_dict().values()))
+    raw_loaded = load_model(tiny_run / "checkpoints" / "best.pt", weights="model")
+    assert raw_loaded.weights == "model" and torch.equal(raw_loaded.model.fc.weight, raw["fc.weight"])
+    assert "trainer_top1" not in raw_loaded.info  # the trainer validated the EMA weights, not these
+    with pytest.raises(VizError, match="no EMA weights|not one of our checkpoints"):
+        load_model(tmp_path / "compiled.pth", weights="ema")
+    torch.save({"arch": "resnet50", "state_dict": ema}, tmp_path / "liar.pth.tar")
+    with pytest.raises(VizError, match="says arch 'resnet50'"):
+        load_model(tmp_path / "liar.pth.tar")
+
+
+# ----------------------------------------------------------------------------- the report
+
+@pytest.fixture(scope="module")
+def built_report(tiny_run, shards_dir) -> Path:
+    assert report.main([str(tiny_run), "--data", str(shards_dir), "--num-show", "4", "--classes", "3",
+                        "--pairs", "4", "--num-threads", "1", "--no-progress", "--device", "cpu"]) == 0
+    return tiny_run / "report" / "report.html"
+
+
+SECTIONS = ("summary", "curves", "classes", "confusions", "mistakes", "worst-classes", "config")
+
+
+def test_report_is_self_contained_and_complete(built_report, tiny_run, shards_dir, capsys):
+    page = built_report.read_text()
+    for section in SECTIONS:
+        assert f"<section id={section}>" in page
+    assert "<script" not in page and not re.search(r"(src|href)=['\"]?(https?:|//)", page)
+    sources = re.findall(r"src='([^']+)'", page)
+    assert all((built_report.parent / s).is_file() for s in sources)
+    assert sum(s.startswith(f"{report.FILES}/cam_") for s in sources) >= 4  # 4 mistakes + worst classes' rows
+    assert f"{report.FILES}/curves.png" in sources and f"{report.FILES}/class_accuracy.png" in sources
+    record = last_record(tiny_run)
+    assert f"{100 * record['top1']:.2f}%" in page and "the same count of correct images" in page
+    with Image.open(built_report.parent / sources[sources.index(f"{report.FILES}/curves.png")]) as curves:
+        assert curves.size[0] > 500
+    saved = evaluation.load(built_report.parent / "predictions.csv")
+    assert len(saved.predictions) == record["val_images"] and saved.top1 == pytest.approx(record["top1"], abs=1e-9)
+    assert all(len(p.top5) == 5 and p.top5_probs == tuple(sorted(p.top5_probs, reverse=True))
+               for p in saved.predictions)
+    # A second report reads the saved predictions back instead of evaluating again.
+    capsys.readouterr()
+    assert report.main([str(tiny_run), "--data", str(shards_dir), "--num-show", "2", "--classes", "3",
+                        "--num-threads", "1", "--no-progress", "--device", "cpu",
+                        "--output", str(built_report.parent)]) == 0
+    assert "read back: top-1" in capsys.readouterr().out
+
+
+def test_report_errors_are_one_line(tmp_path, shards_dir, capsys):
+    assert report.main([str(tmp_path), "--data", str(shards_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no checkpoints/best.pt" in err
+
+
+def _browser_paths() -> tuple[str | None, str | None]:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    return chromium, shutil.which("chromedriver")
+
+
+def test_report_renders_in_headless_chromium(built_report):
+    chromium, driver_path = _browser_paths()
+    if chromium is None or driver_path is None:
+        pytest.skip("chromium/chromedriver not installed (apt-get install chromium chromium-driver; .ci/run does)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e '.[dev]')")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={profile}", "--window-size=1200,900"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    browser = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        browser.get(built_report.resolve().as_uri())
+        sections = browser.execute_script("return [...document.querySelectorAll('section')].map(s => s.id)")
+        assert sections == list(SECTIONS)
+        images = browser.execute_script(
+            "return [...document.images].map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
+        assert len(images) >= 8 and all(ok for _, ok in images), [src for src, ok in images if not ok]
+        headings = browser.execute_script("return [...document.querySelectorAll('h2')].map(h => h.innerText)")
+        assert "Per-class accuracy" in headings and "Most confused pairs" in headings
+        errors = [entry for entry in browser.get_log("browser") if entry["level"] in ("SEVERE", "WARNING")]
+        assert errors == []
+        shot = Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("L")
+    finally:
+        browser.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+    pixels = np.asarray(shot, dtype=np.float32)
+    assert shot.size[0] >= 1000 and pixels.std() > 20  # text, tables and figures, not a blank page
+    assert (pixels < 128).mean() > 0.01  # some dark ink on the white page

@@ -1,0 +1,411 @@
+"""`python -m viz.report RUN_DIR --data DIR`: where and why a trained model is weak, as one HTML page.
+
+Evaluates the run's checkpoint (best.pt, else model_final.pth) on the validation data with the trainer's
+own pipeline (viz.gradcam's evaluation: train.data's DALI loader + train.engine.eval_logits), saves the
+predictions once (OUT/predictions.csv + .json; a later run with the same checkpoint file and settings reads
+them instead of evaluating again) and writes OUT/report.html with its pictures in OUT/report_files/:
+top-1/top-5 and how they were measured, training curves, per-class accuracy (worst and best classes),
+the most confused class pairs with example thumbnails, Grad-CAM rows (input | CAM of the predicted class |
+CAM of the true class) for the most confident mistakes and for the worst classes, and the run's config and
+timings. The page has no scripts and no links outside OUT: it opens from disk, offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import html
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from viz import evaluate as evaluation, loader, plots, render
+from viz.cam import CAM_METHODS, cam_pairs
+from viz.datasets import ValData, match_model, open_data
+from viz.evaluate import Evaluation, Prediction
+from viz.gradcam import Setup, add_model_flags, check_numbers, prepare, run_evaluation
+from viz.select import ClassScore, Confusion, confused_pairs, per_class, select_mistakes
+from viz.weights import VizError, describe
+
+FILES = "report_files"  # folder beside report.html holding its pictures
+STRIP_SIDE = 160  # px, side of each cell of a Grad-CAM row
+THUMB_SIDE = 96  # px, side of a confused-pair example
+
+
+@dataclass(frozen=True)
+class Findings:
+    """What the page shows, computed from the predictions alone."""
+    classes: list[ClassScore]  # worst first
+    pairs: list[Confusion]
+    confident: list[Prediction]  # the most confident mistakes
+    worst: list[tuple[ClassScore, list[Prediction]]]  # the worst classes and their most confident mistakes
+    taken_for: dict[int, tuple[int, int]]  # class -> (the class it is most often predicted as, images)
+
+
+def find(predictions: list[Prediction], *, num_show: int, num_classes: int, num_pairs: int,
+         per_worst_class: int = 2) -> Findings:
+    classes = per_class(predictions)
+    worst = [(score, select_mistakes(predictions, per_worst_class, class_index=score.index))
+             for score in classes[:min(num_classes, (len(classes) + 1) // 2)] if score.correct < score.images]
+    every_pair = confused_pairs(predictions, top=len(predictions), examples=0)
+    taken_for: dict[int, tuple[int, int]] = {}
+    for pair in every_pair:  # most first: the first pair of a class is its most common confusion
+        taken_for.setdefault(pair.true, (pair.predicted, pair.count))
+    return Findings(classes, confused_pairs(predictions, num_pairs), select_mistakes(predictions, num_show), worst,
+                    taken_for)
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def draw_pictures(setup: Setup, data: ValData, findings: Findings, files: Path, *, method: str,
+                  threads: int) -> dict[int, str]:
+    """Thumbnails of the confused pairs' examples and Grad-CAM strips of the selected mistakes, written to
+    `files`; returns {image index: CAM strip file name}. All CAMs are computed in one batched run."""
+    shown = {p.index: p for p in findings.confident}
+    for _, mistakes in findings.worst:
+        shown.update((p.index, p) for p in mistakes)
+    thumbs = {p.index for pair in findings.pairs for p in pair.examples}
+    images = loader.fetch_images(data, sorted(set(shown) | thumbs), res=setup.res, crop_ratio=setup.crop_ratio,
+                                 device="gpu" if setup.device.type == "cuda" else "cpu", num_threads=threads)
+    for index in sorted(thumbs & set(images)):
+        crop = Image.fromarray(loader.to_pixels(images[index]))
+        render.thumbnail(crop, THUMB_SIDE).save(files / f"thumb_{index}.jpg", quality=90)
+    order = [i for i in sorted(shown) if i in images]
+    if not order:
+        return {}
+    stacked = torch.stack([images[i] for i in order])
+    model = setup.model
+    cams_predicted, cams_true = cam_pairs(model, model.layer4[-1], stacked, [shown[i].predicted for i in order],
+                                          [shown[i].label for i in order], method, batch_size=32)
+    strips = {}
+    for i, cp, ct in zip(order, cams_predicted, cams_true):
+        crop = Image.fromarray(loader.to_pixels(images[i]))
+        strips[i] = f"cam_{i}.png"
+        render.cam_strip(crop, cp, ct, STRIP_SIDE).save(files / strips[i])
+    return strips
+
+
+# ----------------------------------------------------------------------------- HTML
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1100px;padding:0 20px 60px;
+color:#1a1a1a;line-height:1.45}
+h1{margin-top:28px}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:36px}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.big{font-size:28px;font-weight:600}.muted{color:#666}.wrong{color:#b01818}.right{color:#087030}
+figure{margin:10px 0 18px}figcaption{font-size:14px;color:#333}img{max-width:100%}
+.row{display:flex;gap:16px;flex-wrap:wrap}.thumbs img{margin-right:4px}
+pre{background:#f7f7f7;padding:10px;overflow-x:auto;font-size:13px}
+.bar{display:inline-block;height:10px;background:#4878a8;vertical-align:middle}
+"""
+
+
+def _e(text) -> str:
+    return html.escape(str(text))
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def _class_name(data: ValData, index: int) -> str:
+    c = data.classes[index]
+    return f"{c.name} ({c.wnid})" if c.wnid and c.wnid != c.name else c.name
+
+
+def _summary(result: Evaluation, setup: Setup, data: ValData, checkpoint: Path, reused: bool) -> str:
+    s, loaded = result.summary(), setup.loaded
+    info = loaded.info
+    how = (f"Measured by <code>viz</code> on {s['images']:,} validation images of <code>{_e(data.path)}</code> "
+           f"({_e(data.layout)}{', ' + _e(data.note) if data.note else ''}) with the trainer's own validation "
+           f"input (train.data's DALI pipeline: shorter side resized to res / crop ratio, centre crop) and scoring "
+           f"(train.engine.eval_logits): {_e(describe(loaded))}, {_e(loaded.weights)} weights of "
+           f"<code>{_e(checkpoint)}</code>; res {setup.res} px, crop ratio {setup.crop_ratio:g}, flip TTA "
+           f"{'on' if setup.flip else 'off'}, precision {_e(result.meta.get('precision', '?'))}, batch "
+           f"{setup.batch_size}, on {_e(result.meta.get('device', '?'))}.")
+    if result.meta.get("limit"):
+        how += f" Limited to the first {result.meta['limit']:,} images (--limit)."
+    if s["skipped"]:
+        how += f" {s['skipped']} unreadable images were skipped."
+    speed = (f"Evaluation took {s['seconds']:.1f} s ({s['images_per_s']:,.0f} images/s)" if s["images_per_s"]
+             else "Evaluation time unknown")
+    speed += " (read back from predictions.csv)." if reused else "."
+    trainer = ""
+    if "trainer_top1" in info:
+        same = (info.get("trainer_images") == s["images"] and round(info["trainer_top1"] * s["images"])
+                == s["correct"])
+        verdict = ("<span class=right>the same count of correct images</span>" if same else
+                   "<span class=wrong>different: other images or settings than the trainer's</span>")
+        trainer = (f"<p>The trainer's own validation of these weights (epoch {_e(info.get('epoch'))}): top-1 "
+                   f"{_pct(info['trainer_top1'])}, top-5 {_pct(info.get('trainer_top5'))} on "
+                   f"{_e(info.get('trainer_images'))} images: {verdict}.</p>")
+    elif "best_acc1" in info:
+        trainer = (f"<p>The checkpoint reports best_acc1 {float(info['best_acc1']):.2f}% (epoch "
+                   f"{_e(info.get('epoch'))}) from the trainer that wrote it.</p>")
+    return (f"<section id=summary><h2>Accuracy</h2><div class=row><div><div class=big>{_pct(s['top1'])}</div>"
+            f"<div class=muted>top-1 ({s['correct']:,} / {s['images']:,})</div></div><div><div class=big>"
+            f"{_pct(s['top5'])}</div><div class=muted>top-5</div></div></div><p>{how}</p>{trainer}"
+            f"<p class=muted>{speed} Predictions of every image (top-5 classes and probabilities): "
+            f"<code>predictions.csv</code>.</p></section>")
+
+
+def _curves(has_curves: bool, run_dir: Path) -> str:
+    body = (f"<figure><img src='{FILES}/curves.png' alt='training curves' width=1000><figcaption>Per epoch, "
+            f"from <code>{_e(run_dir / plots.METRICS)}</code>.</figcaption></figure>" if has_curves else
+            f"<p class=muted>No <code>{plots.METRICS}</code> in {_e(run_dir)}: no curves.</p>")
+    return f"<section id=curves><h2>Training curves</h2>{body}</section>"
+
+
+def _class_table(data: ValData, scores: list[ClassScore], confusions: dict[int, tuple[int, int]]) -> str:
+    rows = []
+    for s in scores:
+        common = confusions.get(s.index)
+        wrong = (f"{_e(_class_name(data, common[0]))} ({common[1]})" if common else "")
+        rows.append(f"<tr><td>{_e(_class_name(data, s.index))}</td><td class=num>{_pct(s.accuracy)} "
+                    f"<span class=bar style='width:{round(60 * s.accuracy)}px'></span></td><td class=num>"
+                    f"{_pct(s.top5)}</td><td class=num>{s.images}</td><td>{wrong}</td></tr>")
+    return ("<table><tr><th>class</th><th>top-1</th><th>top-5</th><th>images</th><th>most often taken for "
+            "(images)</th></tr>" + "".join(rows) + "</table>")
+
+
+def _classes(data: ValData, findings: Findings, shown: int) -> str:
+    scores, top_confusion = findings.classes, findings.taken_for
+    n = min(shown, (len(scores) + 1) // 2)  # few classes: half worst, half best, none listed twice
+    best = list(reversed(scores[n:]))[:shown]
+    return (f"<section id=classes><h2>Per-class accuracy</h2><figure><img src='{FILES}/class_accuracy.png' "
+            f"alt='per-class top-1' width=1000><figcaption>Top-1 of each of the {len(scores)} classes with "
+            f"validation images, sorted.</figcaption></figure><h3>Worst {n} classes</h3>"
+            f"{_class_table(data, scores[:n], top_confusion)}"
+            + (f"<h3>Best {len(best)} classes</h3>{_class_table(data, best, top_confusion)}" if best else "")
+            + "</section>")
+
+
+def _pairs(data: ValData, findings: Findings) -> str:
+    if not findings.pairs:
+        return "<section id=confusions><h2>Most confused pairs</h2><p>No mistakes.</p></section>"
+    rows = []
+    for pair in findings.pairs:
+        thumbs = "".join(f"<img src='{FILES}/thumb_{p.index}.jpg' width={THUMB_SIDE} height={THUMB_SIDE} "
+                         f"alt='{_e(p.key)}' title='{_e(p.key)}: {100 * p.confidence:.1f}%'>" for p in pair.examples)
+        rows.append(f"<tr><td class=right>{_e(_class_name(data, pair.true))}</td><td class=wrong>"
+                    f"{_e(_class_name(data, pair.predicted))}</td><td class=num>{pair.count} / {pair.of} "
+                    f"({100 * pair.count / pair.of:.0f}%)</td><td class=thumbs>{thumbs}</td></tr>")
+    return ("<section id=confusions><h2>Most confused pairs</h2><p class=muted>Images of the true class predicted "
+            "as the other, most first; examples most confident first.</p><table><tr><th>true class</th>"
+            "<th>predicted as</th><th>images</th><th>examples</th></tr>" + "".join(rows) + "</table></section>")
+
+
+def _cam_figure(data: ValData, p: Prediction, strips: dict[int, str], rank: str) -> str:
+    if p.index not in strips:
+        return ""
+    return (f"<figure><img src='{FILES}/{strips[p.index]}' alt='Grad-CAM of {_e(p.key)}' "
+            f"width={3 * STRIP_SIDE + 2 * render.PAD}><figcaption>{rank} <code>{_e(p.key)}</code>: true "
+            f"<span class=right>{_e(_class_name(data, p.label))}</span> ({100 * p.true_prob:.1f}%), predicted "
+            f"<span class=wrong>{_e(_class_name(data, p.predicted))}</span> ({100 * p.confidence:.1f}%)"
+            f"</figcaption></figure>")
+
+
+CAM_LEGEND = ("<p class=muted>Each row: the crop the model saw | Grad-CAM of the predicted class | Grad-CAM of "
+              "the true class (red: the features that raised that class's score most).</p>")
+
+
+def _mistakes(data: ValData, findings: Findings, strips: dict[int, str], method: str) -> str:
+    rows = "".join(_cam_figure(data, p, strips, f"#{r}") for r, p in enumerate(findings.confident, 1))
+    return (f"<section id=mistakes><h2>Most confident mistakes ({_e(method)})</h2>{CAM_LEGEND}"
+            f"{rows or '<p>No mistakes.</p>'}</section>")
+
+
+def _worst(data: ValData, findings: Findings, strips: dict[int, str]) -> str:
+    parts = []
+    for score, mistakes in findings.worst:
+        figures = "".join(_cam_figure(data, p, strips, "") for p in mistakes)
+        parts.append(f"<h3>{_e(_class_name(data, score.index))}: top-1 {_pct(score.accuracy)} of {score.images}"
+                     f"</h3>{figures}")
+    return (f"<section id=worst-classes><h2>The worst classes, seen by Grad-CAM</h2>{CAM_LEGEND}"
+            f"{''.join(parts) or '<p>Every class is right on every image.</p>'}</section>")
+
+
+def _timings(run_dir: Path, records: list[dict]) -> list[tuple[str, str]]:
+    if not records:
+        return []
+    seconds = sum(float(r.get("seconds") or 0) for r in records)
+    last = records[-1]
+    rows = [("epochs logged", str(len(records))), ("training time (sum of epochs, validation excluded)",
+                                                     f"{seconds:,.1f} s ({seconds / 3600:.2f} h)")]
+    if last.get("images_per_s"):
+        rows.append(("training speed, last epoch", f"{float(last['images_per_s']):,.1f} images/s"))
+    if "top1" in last:
+        rows.append(("trainer's last validation", f"top-1 {_pct(last['top1'])}, top-5 {_pct(last.get('top5'))}"))
+    return rows
+
+
+def _config(run_dir: Path, setup: Setup, records: list[dict], result: Evaluation, build_seconds: float) -> str:
+    config_file = run_dir / "config.yaml"
+    if config_file.is_file():
+        text = config_file.read_text()
+    elif setup.loaded.config:
+        text = json.dumps(setup.loaded.config, indent=1)
+    else:
+        text = "(no config.yaml in the run folder and none in the checkpoint)"
+    s = result.summary()
+    rows = _timings(run_dir, records) + [
+        ("evaluation for this report", f"{s['seconds']:.1f} s, {s['images_per_s'] or 0:,.0f} images/s on "
+                                       f"{result.meta.get('device', '?')}"),
+        ("report written", f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} in "
+                           f"{build_seconds:.1f} s")]
+    table = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
+    return (f"<section id=config><h2>Config and timings</h2><table>{table}</table><h3>Config</h3>"
+            f"<pre>{_e(text)}</pre></section>")
+
+
+def write_html(out: Path, *, run_dir: Path, checkpoint: Path, setup: Setup, data: ValData, result: Evaluation,
+               findings: Findings, strips: dict[int, str], has_curves: bool, records: list[dict], method: str,
+               classes_shown: int, reused: bool, build_seconds: float) -> None:
+    title = f"{run_dir.resolve().name}: what the model gets wrong"
+    body = "".join([
+        f"<h1>{_e(title)}</h1>",
+        _summary(result, setup, data, checkpoint, reused),
+        _curves(has_curves, run_dir),
+        _classes(data, findings, classes_shown),
+        _pairs(data, findings),
+        _mistakes(data, findings, strips, method),
+        _worst(data, findings, strips),
+        _config(run_dir, setup, records, result, build_seconds),
+    ])
+    page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{_e(title)}</title>"
+            f"<meta name=viewport content='width=device-width, initial-scale=1'><link rel=icon href='data:,'>"
+            f"<style>{CSS}</style></head><body>{body}</body></html>\n")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)
+
+
+# ----------------------------------------------------------------------------- the command
+
+def default_checkpoint(run_dir: Path) -> Path:
+    for candidate in (run_dir / "checkpoints" / "best.pt", run_dir / "model_final.pth",
+                      run_dir / "checkpoints" / "last.pt"):
+        if candidate.is_file():
+            return candidate
+    raise VizError(f"{run_dir}: no checkpoints/best.pt, model_final.pth or checkpoints/last.pt; pass --checkpoint")
+
+
+def fingerprint(checkpoint: Path, data_arg: str, setup: Setup) -> dict:
+    """What predictions.csv depends on: a saved file is reused only when all of it is equal."""
+    stat = checkpoint.stat()
+    return {"checkpoint": str(checkpoint.resolve()), "checkpoint_bytes": stat.st_size,
+            "checkpoint_mtime": stat.st_mtime, "data": str(Path(data_arg).resolve()), "weights": setup.loaded.weights,
+            "blurpool": setup.loaded.blurpool}
+
+
+def evaluate_or_reuse(path: Path, setup: Setup, data: ValData, stamp: dict, *, limit: int | None, threads: int,
+                      progress: bool, fresh: bool) -> tuple[Evaluation, bool]:
+    if not fresh and path.is_file() and evaluation.meta_path(path).is_file():
+        saved = evaluation.load(path)
+        settings = {"res": setup.res, "crop_ratio": setup.crop_ratio, "flip_tta": setup.flip,
+                    "batch_size": setup.batch_size, "limit": limit, "device": str(setup.device)}
+        if all(saved.meta.get(k) == v for k, v in {**stamp, **settings}.items()):
+            return saved, True
+    result = run_evaluation(setup.model, data, res=setup.res, crop_ratio=setup.crop_ratio,
+                            batch_size=setup.batch_size, limit=limit, threads=threads, flip=setup.flip,
+                            amp_dtype=setup.amp_dtype, progress=progress, meta=stamp)
+    evaluation.save(path, result)
+    return result, False
+
+
+def build(args: argparse.Namespace) -> Path:
+    started = time.perf_counter()
+    check_numbers(args)
+    for flag, value in (("--num-show", args.num_show), ("--classes", args.classes), ("--pairs", args.pairs)):
+        if value < 0:
+            raise VizError(f"{flag} {value}: must be at least 0")
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise VizError(f"RUN_DIR {run_dir}: no such directory")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(run_dir)
+    out_dir = Path(args.output) if args.output else run_dir / "report"
+    setup = prepare(str(checkpoint), num_classes=None, weights=args.weights, blurpool=args.blurpool,
+                    flip_tta=args.flip_tta, device=args.device, precision=args.precision,
+                    batch_size=args.batch_size, res=args.res, crop_ratio=args.crop_ratio)
+    data = match_model(open_data(args.data), setup.loaded.num_classes)
+    files = out_dir / FILES
+    try:
+        files.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VizError(f"--output {out_dir}: cannot create ({exc.strerror or exc})") from exc
+    print(f"{describe(setup.loaded)} from {checkpoint}; {data.layout} data at {data.path}: {data.size} images")
+    result, reused = evaluate_or_reuse(out_dir / "predictions.csv", setup, data,
+                                       fingerprint(checkpoint, args.data, setup), limit=args.limit,
+                                       threads=args.num_threads, progress=not args.no_progress, fresh=args.fresh)
+    print(("read back" if reused else "evaluated") + f": top-1 {result.top1:.2%}, top-5 {result.top5:.2%} on "
+          f"{len(result.predictions)} images")
+    findings = find(result.predictions, num_show=args.num_show, num_classes=args.classes, num_pairs=args.pairs)
+    strips = draw_pictures(setup, data, findings, files, method=args.method, threads=args.num_threads)
+    records = []
+    if (run_dir / plots.METRICS).is_file():
+        try:
+            records = plots.read_metrics(run_dir / plots.METRICS)
+        except plots.PlotError as exc:
+            print(f"viz.report: note: no curves ({exc})", file=sys.stderr)
+    if records:
+        plots.plot_curves(records, files / "curves.png", f"{run_dir.resolve().name}: {len(records)} epochs")
+    plots.plot_class_accuracy([s.accuracy for s in findings.classes], files / "class_accuracy.png",
+                              f"per-class top-1 on {len(result.predictions):,} images")
+    out = out_dir / "report.html"
+    write_html(out, run_dir=run_dir, checkpoint=checkpoint, setup=setup, data=data, result=result, findings=findings,
+               strips=strips, has_curves=bool(records), records=records, method=args.method,
+               classes_shown=args.classes, reused=reused, build_seconds=time.perf_counter() - started)
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m viz.report",
+        description="Evaluate a training run's checkpoint on validation data (the trainer's own pipeline) and write "
+                    "one self-contained HTML report: top-1/top-5 and how they were measured, training curves, "
+                    "per-class accuracy, the most confused class pairs, Grad-CAM rows of the most confident "
+                    "mistakes and of the worst classes, config and timings. Opens from disk, offline.")
+    p.add_argument("run_dir", help="a training run folder (python -m train.main --out RUN_DIR)")
+    p.add_argument("--data", required=True,
+                   help="validation data: shards folder (manifest.json + val/*.tar), ImageFolder or a Tiny-ImageNet "
+                        "val folder")
+    p.add_argument("--checkpoint", default=None,
+                   help="weights to evaluate (default RUN_DIR/checkpoints/best.pt, else RUN_DIR/model_final.pth)")
+    p.add_argument("--output", default=None, help="folder for report.html and its files (default RUN_DIR/report)")
+    p.add_argument("--num-show", type=int, default=12, help="most confident mistakes shown with Grad-CAM (default 12)")
+    p.add_argument("--classes", type=int, default=8,
+                   help="worst (and best) classes listed; the worst also get Grad-CAM rows (default 8)")
+    p.add_argument("--pairs", type=int, default=10, help="most confused class pairs listed (default 10)")
+    p.add_argument("--method", default="gradcam", choices=list(CAM_METHODS), help="CAM method (default gradcam)")
+    add_model_flags(p)
+    p.add_argument("--num-threads", type=int, default=min(8, max(1, (os.cpu_count() or 1) - 1)),
+                   help="DALI decoding threads (default: cores - 1, at most 8)")
+    p.add_argument("--fresh", action="store_true",
+                   help="evaluate again even if OUT/predictions.csv was made from the same checkpoint and settings")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        out = build(args)
+    except VizError as exc:
+        print(f"viz.report: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("viz.report: interrupted", file=sys.stderr)
+        return 130
+    print(f"wrote {out} (open it in a browser; pictures in {out.parent / FILES})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
