@@ -34,6 +34,7 @@ demo: install
 	$(BIN)/python -m viz.gradcam --checkpoint $(DEMO)/run/checkpoints/best.pt --data $(DEMO)/shards \
 		--output $(DEMO)/gradcam.png --num-show 6
 	$(BIN)/python -m viz.plots $(DEMO)/run --output $(DEMO)/curves.png
+	$(BIN)/python -m viz.report $(DEMO)/run --data $(DEMO)/shards --output $(DEMO)/report
 
 test: install $(SKY)/bin/.installed
 	HF_HUB_OFFLINE=1 SKYPILOT_PYTHON=$(abspath $(SKY))/bin/python $(BIN)/python -m pytest -q

@@ -26,10 +26,10 @@ from viz.datasets import open_data
 from viz.gradcam import prepare, run_evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
-# A ResNet-18 at 32 -> 64 px with EMA and flip TTA (so the EMA weights are what the trainer validated).
-TINY = ["--config", "smoke", "--model.arch=resnet18", "--data.batch_size=16", "--data.num_threads=1",
+# One epoch (4 steps of 50 images at 32 px) of a ResNet-18 with EMA and flip TTA (so the EMA weights are what the trainer validated).
+TINY = ["--config", "smoke", "--model.arch=resnet18", "--data.batch_size=50", "--data.num_threads=1",
         "--val.batch_size=35", "--schedule.res_min=32", "--schedule.res_max=64", "--val.res=64",
-        "--run.tensorboard=false", "--checkpoint.every_minutes=0", "--schedule.epochs=2", "--ema.enabled=true",
+        "--run.tensorboard=false", "--checkpoint.every_minutes=0", "--schedule.epochs=1", "--ema.enabled=true",
         "--ema.decay=0.5", "--val.flip_tta=true"]
 SETTINGS = dict(num_classes=None, weights="auto", blurpool="auto", flip_tta="auto", device="cpu",
                 precision="auto", batch_size=None, res=None, crop_ratio=None)
@@ -45,7 +45,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_run(shards_dir, tmp_path_factory) -> Path:
-    """A 2-epoch run of the trainer (its best.pt, metrics.jsonl, config.yaml) on the shared test shards."""
+    """A 1-epoch run of the trainer (its best.pt, metrics.jsonl, config.yaml) on the shared test shards."""
     out = tmp_path_factory.mktemp("tiny-run") / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "train.main", "--data", str(shards_dir), "--out", str(out), *TINY],
