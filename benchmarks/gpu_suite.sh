@@ -13,3 +13,6 @@ for threads in 4 12; do
 done
 "$python" -m benchmarks.train_step --device cuda --res 160 192 224 --batch-size 256 --steps 30
 "$python" -m benchmarks.train_step --device cuda --res 160 192 224 --batch-size 256 --steps 30 --compile
+# viz: evaluation (DALI on the GPU, bf16, flip-averaged as the rn50 recipe validates) and 20 Grad-CAM rows;
+# the goal is ImageNet's 50,000 val images + 20 rows in under a minute (> ~850 images/s).
+"$python" -m benchmarks.viz_eval --device cuda --images 5000 --batch-size 256 --threads 12 --flip --cams 20

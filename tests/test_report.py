@@ -258,3 +258,32 @@ def test_report_renders_in_headless_chromium(built_report):
     pixels = np.asarray(shot, dtype=np.float32)
     assert shot.size[0] >= 1000 and pixels.std() > 20  # text, tables and figures, not a blank page
     assert (pixels < 128).mean() > 0.01  # some dark ink on the white page
+
+
+def test_old_flags_on_tiny_imagenet_layout_measure_the_trainers_top1(tiny_run, shards_dir, tmp_path, capsys):
+    """A seed user's command: PyTorch-example checkpoint, Tiny-ImageNet val folder, the old flag names."""
+    from viz import gradcam
+
+    folder = export_folder(shards_dir, tmp_path / "export") / "val"
+    tiny = tmp_path / "tiny-imagenet"
+    (tiny / "val" / "images").mkdir(parents=True)
+    lines = []
+    for class_dir in sorted(folder.iterdir()):
+        for image in sorted(class_dir.iterdir()):
+            image.rename(tiny / "val" / "images" / image.name)
+            lines.append(f"{image.name}\t{class_dir.name}\t0\t0\t8\t8")
+    (tiny / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    (tiny / "wnids.txt").write_text("\n".join(f"c{i}" for i in range(10)) + "\n")
+    best = torch.load(tiny_run / "checkpoints" / "best.pt", weights_only=True)
+    torch.save({"epoch": 1, "arch": "resnet18", "best_acc1": 0.0,
+                "state_dict": {f"module.{k}": v for k, v in best["ema"]["model"].items()}},
+               tmp_path / "model_best.pth.tar")
+    out = tmp_path / "grid.png"
+    assert gradcam.main(["--checkpoint_path", str(tmp_path / "model_best.pth.tar"), "--validation_img_path",
+                         str(tiny / "val"), "--output_path", str(out), "--num_classes", "10", "--num_show", "3",
+                         "--res", "64", "--blurpool", "on", "--flip-tta", "on", "--batch-size", "35",
+                         "--device", "cpu", "--workers", "1", "--no-progress"]) == 0
+    record = best["history"][-1]
+    assert f"top-1 {record['top1']:.2%} " in capsys.readouterr().out
+    saved = evaluation.load(out.with_name("grid_predictions.csv"))
+    assert len(saved.predictions) == record["val_images"] and saved.meta["data"] == str(tiny / "val")

@@ -172,7 +172,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of --select random (default 0)")
     p.add_argument("--method", default="gradcam", choices=list(CAM_METHODS), help="CAM method (default gradcam)")
     add_model_flags(p)
-    p.add_argument("--num-threads", "--workers", dest="workers", type=int,
+    p.add_argument("--num-threads", "--workers", dest="workers", type=int, metavar="N",
                    default=min(8, max(1, (os.cpu_count() or 1) - 1)),
                    help="DALI decoding threads (default: cores - 1, at most 8; --workers is the old name)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")

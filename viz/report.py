@@ -104,6 +104,7 @@ figure{margin:10px 0 18px}figcaption{font-size:14px;color:#333}img{max-width:100
 .row{display:flex;gap:16px;flex-wrap:wrap}.thumbs img{margin-right:4px}
 pre{background:#f7f7f7;padding:10px;overflow-x:auto;font-size:13px}
 .bar{display:inline-block;height:10px;background:#4878a8;vertical-align:middle}
+.cams{display:flex;flex-wrap:wrap;gap:0 28px}.cams figure{width:500px}
 """
 
 
@@ -219,7 +220,7 @@ CAM_LEGEND = ("<p class=muted>Each row: the crop the model saw | Grad-CAM of the
 def _mistakes(data: ValData, findings: Findings, strips: dict[int, str], method: str) -> str:
     rows = "".join(_cam_figure(data, p, strips, f"#{r}") for r, p in enumerate(findings.confident, 1))
     return (f"<section id=mistakes><h2>Most confident mistakes ({_e(method)})</h2>{CAM_LEGEND}"
-            f"{rows or '<p>No mistakes.</p>'}</section>")
+            f"{f'<div class=cams>{rows}</div>' if rows else '<p>No mistakes.</p>'}</section>")
 
 
 def _worst(data: ValData, findings: Findings, strips: dict[int, str]) -> str:
@@ -227,7 +228,7 @@ def _worst(data: ValData, findings: Findings, strips: dict[int, str]) -> str:
     for score, mistakes in findings.worst:
         figures = "".join(_cam_figure(data, p, strips, "") for p in mistakes)
         parts.append(f"<h3>{_e(_class_name(data, score.index))}: top-1 {_pct(score.accuracy)} of {score.images}"
-                     f"</h3>{figures}")
+                     f"</h3><div class=cams>{figures}</div>")
     return (f"<section id=worst-classes><h2>The worst classes, seen by Grad-CAM</h2>{CAM_LEGEND}"
             f"{''.join(parts) or '<p>Every class is right on every image.</p>'}</section>")
 
