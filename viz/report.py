@@ -94,10 +94,11 @@ def draw_pictures(setup: Setup, data: ValData, findings: Findings, files: Path, 
 # ----------------------------------------------------------------------------- HTML
 
 CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1100px;padding:0 20px 60px;
-color:#1a1a1a;line-height:1.45}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1100px;
+padding:0 20px 60px;color:#1a1a1a;line-height:1.45}
 h1{margin-top:28px}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:36px}
-table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
+table{border-collapse:collapse;margin:8px 0}
+td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .big{font-size:28px;font-weight:600}.muted{color:#666}.wrong{color:#b01818}.right{color:#087030}
 figure{margin:10px 0 18px}figcaption{font-size:14px;color:#333}img{max-width:100%}
