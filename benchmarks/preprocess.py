@@ -7,7 +7,8 @@ Two measurements on the same images:
    from other jobs hits all variants alike), best round kept. `before` is the encoder as it was
    before issue 9 (decode at full size, always re-encode); `auto` and `always` are the two
    `--reencode` modes of `preprocess.shard`. Also: source and output bytes per image, how many
-   images were kept unchanged.
+   images were kept unchanged, and how fast the output decodes (one pass, PIL), which every
+   training epoch pays again.
 2. `preprocess.shard.run` end to end (read, encode, write tars) for each `--workers` count, with
    `--reencode` as given.
 
@@ -21,12 +22,15 @@ part before the first '_'). `--limit N` takes a fixed subset (every k-th file in
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from PIL import Image
 
 from preprocess import encode, shard
 from preprocess.sources import IMAGE_SUFFIXES, SourceError, image_files, open_source, read_bytes
@@ -85,6 +89,10 @@ def compare_encoders(images: list[bytes], variants: list[str], max_side: int, qu
     for v in variants:
         done = [r for r in outputs[v] if r is not None]
         out_bytes = sum(len(r.jpeg) for r in done)
+        start = time.perf_counter()
+        for r in done:  # what every training epoch pays again (PIL's libjpeg-turbo, as DALI's CPU decoder)
+            Image.open(io.BytesIO(r.jpeg)).load()
+        decode_rate = len(done) / (time.perf_counter() - start)
         rate = len(images) / best[v]
         rows.append({
             "encoder": v, "images": len(images), "seconds": round(best[v], 2), "images/s per worker": round(rate, 1),
@@ -93,7 +101,7 @@ def compare_encoders(images: list[bytes], variants: list[str], max_side: int, qu
             "output KB/image": round(out_bytes / max(1, len(done)) / 1000, 1),
             "output/source bytes": round(out_bytes / source_bytes, 3),
             "kept unchanged": sum("passthrough" in r.fixes for r in done), "resized": sum("resized" in r.fixes for r in done),
-            "skipped": len(images) - len(done),
+            "skipped": len(images) - len(done), "output decode images/s": round(decode_rate, 1),
         })
     return rows
 
@@ -146,8 +154,11 @@ def main(argv=None) -> int:
             from benchmarks.photos import write_photo_parquet
 
             src = str(write_photo_parquet(Path(tmp) / "parquet", train=args.images * 4 // 5, val=args.images // 5))
-        elif Path(src).is_dir() and (args.limit or args.repeat > 1 or not (Path(src) / "train").is_dir()):
-            src = str(link_tree(Path(src), Path(tmp) / "src", args.limit, args.repeat))
+        elif Path(src).is_dir() and (image_files(Path(src)) or (Path(src) / "train").is_dir()):
+            if args.limit or args.repeat > 1 or not (Path(src) / "train").is_dir():
+                src = str(link_tree(Path(src), Path(tmp) / "src", args.limit, args.repeat))
+        elif args.limit or args.repeat > 1:
+            p.error("--limit and --repeat take a folder --src (an ImageFolder or a flat folder of images)")
         encoder_rows = (compare_encoders(source_images(src), args.encoders, args.max_side, args.quality, args.rounds)
                         if args.encoders else [])
         settings = shard.EncodeSettings(args.max_side, args.quality, args.reencode)
