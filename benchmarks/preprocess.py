@@ -5,7 +5,7 @@ Two measurements on the same images:
 1. The encoder alone, in this one process (= one worker), over source bytes already in memory:
    each variant of `preprocess.encode.reencode` in turn, `--rounds` times interleaved (so that load
    from other jobs hits all variants alike), best round kept. `before` is the encoder as it was
-   before issue 9 (decode at full size, always re-encode); `auto` and `always` are the two
+   before issue 9 (decode at full size, always re-encode); `auto`, `keep` and `always` are the
    `--reencode` modes of `preprocess.shard`. Also: source and output bytes per image, how many
    images were kept unchanged, and how fast the output decodes (one pass, PIL), which every
    training epoch pays again.
@@ -38,6 +38,7 @@ from preprocess.sources import IMAGE_SUFFIXES, SourceError, image_files, open_so
 VARIANTS = {  # name -> keyword arguments of encode.reencode besides max_side and quality
     "before": {"mode": "always", "draft": False},  # the encoder before issue 9
     "auto": {"mode": "auto"},
+    "keep": {"mode": "keep"},
     "always": {"mode": "always"},
 }
 
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
             append_result("Preprocessing encoder", encoder_rows, command=command, device=cpu_description(),
                           notes=notes + f" One process, source bytes in memory, best of {args.rounds} interleaved "
                                         "rounds. before = full-size decode and re-encode of every image (the encoder "
-                                        "before issue 9); auto/always = the --reencode modes.",
+                                        "before issue 9); auto/keep/always = the --reencode modes.",
                           path=args.report)
         if rows:
             append_result("Preprocessing", rows, command=command, device=cpu_description(), notes=notes,

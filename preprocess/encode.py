@@ -5,7 +5,7 @@ every decoder downstream (DALI's nvJPEG, PIL, OpenCV) sees the same kind of file
 
 Two ways to be fast on real photos without losing quality:
 
-* Pass-through (`mode="auto"`): a source that already is what we would write -- a baseline,
+* Pass-through (`mode="auto"`, or "keep" for any quantisation): a source that already is what we would write -- a baseline,
   8-bit, Huffman-coded YCbCr JPEG within `max_side`, with standard chroma subsampling and no EXIF
   rotation -- is returned byte for byte when its quantisation is no finer than that of `quality`
   (re-encoding it would only add a generation loss and, usually, bytes), or when re-encoding it
@@ -44,7 +44,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # ImageNet's largest images are ~90 MP panoramas; still refuse decompression bombs beyond that.
 Image.MAX_IMAGE_PIXELS = 200_000_000
 
-MODES = ("auto", "always")  # see reencode()
+MODES = ("auto", "keep", "always")  # see reencode()
 # Decode at a DCT scale that leaves at least this factor for Lanczos: at 2 the output matches the
 # full-size decode to >= 50 dB PSNR on the real ImageNet samples (at 1 it drops to ~37 dB, and the
 # final JPEG loses up to 2 dB).
@@ -91,7 +91,8 @@ def reencode(data: bytes, *, max_side: int = 500, quality: int = 90, mode: str =
     """Normalise `data` to an RGB baseline JPEG with the longer side <= `max_side`.
 
     mode "auto" returns a source that needs no change unchanged (see the module docstring), with
-    fixes ["passthrough"]; "always" decodes and re-encodes every image at `quality`.
+    fixes ["passthrough"]; "keep" does so whatever the source's quantisation (no generation loss, but
+    high-quality sources stay large); "always" decodes and re-encodes every image at `quality`.
     `draft=False` decodes big JPEGs at full size before resizing (slower; the reference path).
     """
     if mode not in MODES:
@@ -103,8 +104,8 @@ def reencode(data: bytes, *, max_side: int = 500, quality: int = 90, mode: str =
         source_format = image.format
         source_size = image.size
         size = fit_within(image.width, image.height, max_side)
-        keepable = mode == "auto" and size == source_size and _keepable(image, data)
-        if keepable and _no_finer_than(image, quality):
+        keepable = mode != "always" and size == source_size and _keepable(image, data)
+        if keepable and (mode == "keep" or _no_finer_than(image, quality)):
             image.draft(None, (1, 1))  # 1/8 scale: every coefficient is still entropy-decoded
             image.load()
             return EncodeResult(data, *source_size, ["passthrough"])

@@ -70,7 +70,7 @@ MIX_GROUPS = 16
 class EncodeSettings:
     max_side: int = 500  # pixels, longer side (FFCV's ImageNet setting)
     quality: int = 90  # JPEG quality
-    reencode: str = "auto"  # "auto": keep source JPEGs that need no change byte for byte; "always"
+    reencode: str = "auto"  # "auto"|"keep": store source JPEGs that need no change byte for byte; "always"
 
     def __post_init__(self):
         if self.reencode not in REENCODE_MODES:
@@ -537,8 +537,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto (default): a source JPEG that already is a baseline RGB JPEG within --max-side, with "
                         "standard chroma subsampling, no EXIF rotation and no finer quantisation than --quality, "
                         "is stored byte for byte (fully decoded first, so broken files are still skipped); the "
-                        "manifest counts them as 'passthrough'. always: decode and re-encode every image at "
-                        "--quality (uniform files, at the cost of a generation loss and, for such sources, bytes)")
+                        "manifest counts them as 'passthrough'. keep: the same whatever the source's quality "
+                        "(no generation loss; ImageNet's ~q95 files then stay twice as large and slow to decode "
+                        "every epoch). always: decode and re-encode every image at --quality")
     p.add_argument("--images-per-shard", type=int, default=1000, help="images per tar shard (default 1000, ~100 MB at 500 px)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel encoding processes (default: all cores)")
     p.add_argument("--shuffle-seed", type=int, default=0,

@@ -29,8 +29,8 @@ def test_encoder_comparison_rows_and_bytes(synthetic_parquet, tmp_path, capsys):
     text = report.read_text()
     assert "## Preprocessing encoder" in text and "## Preprocessing\n" not in text  # no shard runs asked for
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in text.splitlines() if line.startswith(("| before |", "| auto |", "| always |"))}
-    assert set(rows) == {"before", "auto", "always"}
+            for line in text.splitlines() if line.startswith(("| before |", "| auto |", "| keep |", "| always |"))}
+    assert set(rows) == {"before", "auto", "keep", "always"}
     assert all(r[0] == "270" for r in rows.values())  # images
     assert rows["before"][3] == "1"  # x before
     out = capsys.readouterr().out

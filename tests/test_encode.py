@@ -144,6 +144,8 @@ def test_higher_quality_source_is_kept_when_asked_for_that_quality():
     data = _photo(quality=97, subsampling="4:4:4")
     assert len(reencode(data, quality=90).jpeg) < len(data) * 0.7  # requantised to q90 4:2:0: far smaller
     assert reencode(data, quality=97).jpeg == data
+    assert reencode(data, quality=90, mode="keep").jpeg == data  # whatever the quality
+    assert reencode(_photo(progressive=True), mode="keep").fixes == []  # but only files that need no change
 
 
 @pytest.mark.parametrize("subsampling", ["4:4:4", "4:2:0"])
