@@ -32,9 +32,9 @@ def test_encoder_comparison_rows_and_bytes(synthetic_parquet, tmp_path, capsys):
             for line in text.splitlines() if line.startswith(("| before |", "| auto |", "| keep |", "| always |"))}
     assert set(rows) == {"before", "auto", "keep", "always"}
     assert all(r[0] == "270" for r in rows.values())  # images
-    assert rows["before"][3] == "1"  # x before
+    assert rows["before"][4] == "1"  # x before (CPU)
     out = capsys.readouterr().out
-    assert "encoder images/s per worker: before " in out
+    assert "encoder images per CPU-s (x before): before " in out
 
 
 def test_flat_folder_subset_and_repeat(tmp_path):
