@@ -8,8 +8,10 @@ Two measurements on the same images:
    process's CPU time (the steadier figure on a shared machine; the ratio to `before` uses it). `before` is the encoder as it was
    before issue 9 (decode at full size, always re-encode); `auto`, `keep` and `always` are the
    `--reencode` modes of `preprocess.shard`. Also: source and output bytes per image, how many
-   images were kept unchanged, and how fast the output decodes (one pass, PIL), which every
-   training epoch pays again.
+   images were kept unchanged, how fast the output decodes (one pass, PIL), which every training
+   epoch pays again, and, over the resized images, the PSNR of the output against the ideal
+   (full-size decode, one Lanczos pass, no JPEG encoding), mean, minimum and the largest drop of
+   one image against `before`: what DCT-domain scaling may cost.
 2. `preprocess.shard.run` end to end (read, encode, write tars) for each `--workers` count, with
    `--reencode` as given.
 
@@ -31,17 +33,22 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from preprocess import encode, shard
 from preprocess.sources import IMAGE_SUFFIXES, SourceError, image_files, open_source, read_bytes
 
 VARIANTS = {  # name -> keyword arguments of encode.reencode besides max_side and quality
-    "before": {"mode": "always", "draft": False},  # the encoder before issue 9
+    "before": {"mode": "always", "draft_gap": None},  # the encoder before issue 9
     "auto": {"mode": "auto"},
     "keep": {"mode": "keep"},
     "always": {"mode": "always"},
+    # Not measured by default: DCT scaling down to the target size itself (faster on 2-4x downscales,
+    # but it loses fidelity there; see the PSNR columns).
+    "auto-draft1": {"mode": "auto", "draft_gap": 1},
 }
+DEFAULT_VARIANTS = ["before", "auto", "keep", "always"]
 
 
 def link_tree(src: Path, out: Path, limit: int | None = None, repeat: int = 1) -> Path:
@@ -90,8 +97,14 @@ def compare_encoders(images: list[bytes], variants: list[str], max_side: int, qu
             cpu[v] = min(cpu[v], time.process_time() - start_cpu)
             outputs[v] = results
     source_bytes = sum(len(d) for d in images)
+    references: dict[bytes, np.ndarray] = {}
+    fidelity = {v: {i: _psnr(r.jpeg, _reference(images[i], (r.width, r.height), references))
+                    for i, r in enumerate(outputs[v]) if r is not None and "resized" in r.fixes} for v in variants}
     rows = []
     for v in variants:
+        psnr = list(fidelity[v].values())
+        worst = (min(p - fidelity["before"][i] for i, p in fidelity[v].items() if i in fidelity["before"])
+                 if "before" in fidelity and fidelity[v] else "")
         done = [r for r in outputs[v] if r is not None]
         out_bytes = sum(len(r.jpeg) for r in done)
         start_cpu = time.process_time()
@@ -108,8 +121,24 @@ def compare_encoders(images: list[bytes], variants: list[str], max_side: int, qu
             "output/source bytes": round(out_bytes / source_bytes, 3),
             "kept unchanged": sum("passthrough" in r.fixes for r in done), "resized": sum("resized" in r.fixes for r in done),
             "skipped": len(images) - len(done), "output decodes per CPU-s": round(len(done) / decode_cpu, 1),
+            "resized PSNR dB mean": round(float(np.mean(psnr)), 2) if psnr else "",
+            "resized PSNR dB min": round(float(np.min(psnr)), 2) if psnr else "",
+            "worst dB vs before": round(worst, 2) if worst != "" else "",
         })
     return rows
+
+
+def _reference(data: bytes, size: tuple[int, int], cache: dict) -> np.ndarray:
+    """The ideal of a resized image: full-size decode, one Lanczos pass, no JPEG encoding."""
+    if data not in cache:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        cache[data] = np.asarray(image.resize(size, Image.Resampling.LANCZOS), dtype=np.float64)
+    return cache[data]
+
+
+def _psnr(jpeg: bytes, reference: np.ndarray) -> float:
+    pixels = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=np.float64)
+    return float(10 * np.log10(255 ** 2 / max(np.mean((pixels - reference) ** 2), 1e-10)))
 
 
 def measure(src: str, out: Path, workers: int, settings: shard.EncodeSettings, per_shard: int) -> dict:
@@ -140,8 +169,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="list each --src image this many times (default 1)")
     p.add_argument("--workers", type=int, nargs="*", default=[1, os.cpu_count() or 1],
                    help="worker counts to measure preprocess.shard with (default: 1 and all cores; none to skip)")
-    p.add_argument("--encoders", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
-                   help="encoder variants to compare in one process (default: all; none to skip)")
+    p.add_argument("--encoders", nargs="*", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
+                   help=f"encoder variants to compare in one process (default: {' '.join(DEFAULT_VARIANTS)}; "
+                        f"none to skip)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the encoder comparison, best kept (default 2)")
     p.add_argument("--max-side", type=int, default=500, help="pixels (default 500)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")

@@ -87,13 +87,14 @@ def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
 
 
 def reencode(data: bytes, *, max_side: int = 500, quality: int = 90, mode: str = "auto",
-             draft: bool = True) -> EncodeResult:
+             draft_gap: int | None = DRAFT_GAP) -> EncodeResult:
     """Normalise `data` to an RGB baseline JPEG with the longer side <= `max_side`.
 
     mode "auto" returns a source that needs no change unchanged (see the module docstring), with
     fixes ["passthrough"]; "keep" does so whatever the source's quantisation (no generation loss, but
     high-quality sources stay large); "always" decodes and re-encodes every image at `quality`.
-    `draft=False` decodes big JPEGs at full size before resizing (slower; the reference path).
+    `draft_gap` is DRAFT_GAP's value for this call; None decodes at full size before resizing (slower; the
+    reference path, and the encoder before pass-through existed).
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: choose from {', '.join(MODES)}")
@@ -110,8 +111,8 @@ def reencode(data: bytes, *, max_side: int = 500, quality: int = 90, mode: str =
             image.load()
             return EncodeResult(data, *source_size, ["passthrough"])
         box = None
-        if draft and source_format == "JPEG" and size != source_size:
-            drafted = image.draft(None, (size[0] * DRAFT_GAP, size[1] * DRAFT_GAP))
+        if draft_gap and source_format == "JPEG" and size != source_size:
+            drafted = image.draft(None, (size[0] * draft_gap, size[1] * draft_gap))
             box = drafted[1] if drafted else None
         image.load()
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:

@@ -192,7 +192,7 @@ def test_pass_through_rejects_exactly_what_a_full_decode_rejects():
 
 def test_big_downscale_uses_dct_scaling_and_stays_close_to_full_decode():
     data = _photo((2400, 1600), quality=92)
-    fast, full = reencode(data, max_side=500), reencode(data, max_side=500, draft=False)
+    fast, full = reencode(data, max_side=500), reencode(data, max_side=500, draft_gap=None)
     assert (fast.width, fast.height) == (full.width, full.height) == fit_within(2400, 1600, 500)
     assert Image.open(io.BytesIO(fast.jpeg)).size == (500, 333)
     assert fast.jpeg != full.jpeg  # decoded at reduced scale...
@@ -201,14 +201,14 @@ def test_big_downscale_uses_dct_scaling_and_stays_close_to_full_decode():
 
 def test_small_downscale_decodes_at_full_size():
     data = _photo((1000, 750), quality=92)  # 2x: a reduced-scale decode would cost quality here
-    assert reencode(data, max_side=500).jpeg == reencode(data, max_side=500, draft=False).jpeg
+    assert reencode(data, max_side=500).jpeg == reencode(data, max_side=500, draft_gap=None).jpeg
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_full_decode_path_gives_the_old_encoders_bytes(mode):
     """Grayscale is now resized before it is widened to RGB: the same pixels, a third of the work."""
     data = _photo((900, 600), mode=mode, quality=92)
-    assert reencode(data, max_side=500, mode="always", draft=False).jpeg == _old_encoder(data, 500)
+    assert reencode(data, max_side=500, mode="always", draft_gap=None).jpeg == _old_encoder(data, 500)
 
 
 # --- through preprocess.shard ------------------------------------------------------------------------
