@@ -69,7 +69,7 @@ class EncodeResult:
     jpeg: bytes
     width: int
     height: int
-    fixes: list[str] = field(default_factory=list)  # e.g. ["cmyk", "resized"] or ["passthrough"]
+    fixes: list[str] = field(default_factory=list)  # e.g. ["mode-cmyk", "resized"] or ["passthrough"]
 
     @property
     def conversions(self) -> list[str]:
