@@ -51,7 +51,8 @@ from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
-from preprocess.encode import UndecodableImage, reencode
+from preprocess.encode import MODES as REENCODE_MODES
+from preprocess.encode import NOT_CONVERSIONS, UndecodableImage, reencode
 from preprocess.manifest import FORMAT_VERSION, MANIFEST, mix_stats
 from preprocess.sources import (SampleRef, SourceError, classes_json, describe, open_source, public_url, read_bytes,
                                 refs_digest, row_group_images)
@@ -69,6 +70,11 @@ MIX_GROUPS = 16
 class EncodeSettings:
     max_side: int = 500  # pixels, longer side (FFCV's ImageNet setting)
     quality: int = 90  # JPEG quality
+    reencode: str = "auto"  # "auto"|"keep": store source JPEGs that need no change byte for byte; "always"
+
+    def __post_init__(self):
+        if self.reencode not in REENCODE_MODES:
+            raise SourceError(f"--reencode {self.reencode}: choose from {', '.join(REENCODE_MODES)}")
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -143,7 +149,7 @@ def encode_ref(ref: SampleRef, data: bytes | None, split: str, num_classes: int,
         return f"label {ref.label} outside 0..{num_classes - 1}"
     try:
         result = reencode(read_bytes(ref.location) if data is None else data, max_side=settings.max_side,
-                          quality=settings.quality)
+                          quality=settings.quality, mode=settings.reencode)
     except UndecodableImage as exc:
         return str(exc)
     return result.jpeg, result.fixes
@@ -169,7 +175,7 @@ def write_shard(task: ShardTask, outcomes: Iterable[Outcome] | None = None) -> d
             if ref.label >= 0:
                 per_class[ref.label] += 1
             fixed.update(fixes)
-            conversions = [f for f in fixes if f != "resized"]
+            conversions = [f for f in fixes if f not in NOT_CONVERSIONS]
             if conversions:
                 fixed_keys.append({"key": ref.key, "fixes": conversions})
         info = writer.close() if len(writer) else None
@@ -527,6 +533,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="input layout (default: detected from --src)")
     p.add_argument("--max-side", type=int, default=500, help="longer image side after resizing, pixels (default 500; never upscales)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images, 1-100 (default 90)")
+    p.add_argument("--reencode", default="auto", choices=REENCODE_MODES,
+                   help="auto (default): a source JPEG that already is a baseline RGB JPEG within --max-side, with "
+                        "standard chroma subsampling, no EXIF rotation and no finer quantisation than --quality, "
+                        "is stored byte for byte (fully decoded first, so broken files are still skipped); the "
+                        "manifest counts them as 'passthrough'. keep: the same whatever the source's quality "
+                        "(no generation loss; ImageNet's ~q95 files then stay twice as large and slow to decode "
+                        "every epoch). always: decode and re-encode every image at --quality")
     p.add_argument("--images-per-shard", type=int, default=1000, help="images per tar shard (default 1000, ~100 MB at 500 px)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel encoding processes (default: all cores)")
     p.add_argument("--shuffle-seed", type=int, default=0,
@@ -559,8 +572,9 @@ def main(argv=None) -> int:
     try:
         splits = validate(args)
         manifest = run(args.src, args.out, fmt=args.format, splits=splits,
-                       settings=EncodeSettings(args.max_side, args.quality), images_per_shard=args.images_per_shard,
-                       workers=args.workers, shuffle_seed=args.shuffle_seed, progress=not args.no_progress)
+                       settings=EncodeSettings(args.max_side, args.quality, args.reencode),
+                       images_per_shard=args.images_per_shard, workers=args.workers, shuffle_seed=args.shuffle_seed,
+                       progress=not args.no_progress)
     except SourceError as exc:
         print(f"preprocess.shard: error: {exc}", file=sys.stderr)
         return 2
@@ -569,11 +583,11 @@ def main(argv=None) -> int:
         return 130
     stats = manifest.pop("_stats")
     for split, info in manifest["splits"].items():
-        fixes = ", ".join(f"{k} {v}" for k, v in info["fixed"].items()) or "none"
+        fixes = ", ".join(f"{k} {v}" for k, v in info["fixed"].items() if k != "passthrough") or "none"
         mix = info["mix"]
         print(f"{split}: {info['images']} images in {len(info['shards'])} shards ({info['order']} order, "
               f"{mix['distinct_classes_mean']:.1f} classes per shard on average, min {mix['distinct_classes_min']}); "
-              f"fixed: {fixes}; skipped: {len(info['skipped'])}")
+              f"kept unchanged: {info['fixed'].get('passthrough', 0)}; fixed: {fixes}; skipped: {len(info['skipped'])}")
     rate = stats["encoded"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
     reused = f"; {stats['verified_shards']} shards were already complete (checksums verified)" if stats["verified_shards"] else ""
     print(f"encoded {stats['encoded']} images in {stats['seconds']:.1f} s ({rate:.0f} images/s, "

@@ -21,3 +21,32 @@ def test_benchmark_appends_one_row_per_worker_count(synthetic_parquet, tmp_path,
     table = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert len(table) == 2 and all("| 270 |" in line for line in table)  # 200 train + 70 val images
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("preprocess images/s per worker: ")
+
+
+def test_encoder_comparison_rows_and_bytes(synthetic_parquet, tmp_path, capsys):
+    report = tmp_path / "BENCH.md"
+    assert bench.main(["--src", str(synthetic_parquet), "--workers", "--rounds", "1", "--report", str(report)]) == 0
+    text = report.read_text()
+    assert "## Preprocessing encoder" in text and "## Preprocessing\n" not in text  # no shard runs asked for
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith(("| before |", "| auto |", "| keep |", "| always |"))}
+    assert set(rows) == {"before", "auto", "keep", "always"}
+    assert all(r[0] == "270" for r in rows.values())  # images
+    assert rows["before"][4] == "1"  # x before (CPU)
+    out = capsys.readouterr().out
+    assert "encoder images per CPU-s (x before): before " in out
+
+
+def test_flat_folder_subset_and_repeat(tmp_path):
+    """A flat folder of images (as ../shared/data/imagenet-samples) becomes an ImageFolder of links."""
+    src = tmp_path / "flat"
+    src.mkdir()
+    for i, jpeg in enumerate(photo_jpegs(6, seed=2, max_side=120)):
+        (src / f"n0000{i % 2}_photo's_{i}.JPEG").write_bytes(jpeg)
+    tree = bench.link_tree(src, tmp_path / "tree", limit=4, repeat=2)
+    links = sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*.JPEG"))
+    assert len(links) == 8 and {p.split("/")[1] for p in links} == {"n00000", "n00001"}
+    assert all(p.startswith("train/") for p in links)
+    assert len(bench.source_images(str(tree))) == 8
+    rows = bench.compare_encoders(bench.source_images(str(tree)), ["auto"], max_side=500, quality=90, rounds=1)
+    assert rows[0]["kept unchanged"] == 8 and rows[0]["output/source bytes"] == 1.0  # q90 sources need no change
