@@ -460,6 +460,12 @@ class TrainLoader:
             return
         self._prepared = _Prepared((epoch, res), lambda: self._open(epoch, res, None, host_sync_first=True))
 
+    def close(self) -> None:
+        """Wait for a pipeline being built ahead and drop it (before the process exits)."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            prepared.thread.join()
+
     def _take_prepared(self, epoch: int, res: int, start: int):
         prepared, self._prepared = self._prepared, None
         if prepared is None:
