@@ -24,7 +24,9 @@ import tarfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SRC = REPO.parent / "shared" / "data" / "imagenette-144"
+# ../shared/data beside the checkout (or beside the folder holding a worktree)
+DEFAULT_SRC = next((base / "shared" / "data" / "imagenette-144" for base in (REPO.parent, REPO.parent.parent)
+                    if (base / "shared" / "data" / "imagenette-144").is_dir()), REPO.parent / "shared" / "data" / "imagenette-144")
 PART_DIR = "data-p{:02d}"
 PART_FILE = "data-part-{:02d}"
 INDEX = "INDEX.json"

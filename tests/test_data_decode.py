@@ -106,10 +106,10 @@ def test_epoch_built_ahead_gives_the_same_batches_and_is_used(shards_dir, monkey
     loader.prepare(1, 32)
     loader._prepared.thread.join()
     batches = epoch_batches(loader, 1, 32)
-    assert builds == [32]  # built once, in the thread
+    assert builds == [32] and loader.built_ahead  # built once, in the thread
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, reference))
     loader.prepare(2, 48)  # planned, then another epoch is asked for: dropped, the asked one is built
-    assert len(epoch_batches(loader, 3, 32)) == len(loader) and builds == [32, 48, 32]
+    assert len(epoch_batches(loader, 3, 32)) == len(loader) and builds == [32, 48, 32] and not loader.built_ahead
 
 
 def test_nvjpeg_buffers_are_sized_for_the_shards_largest_image(shards_dir):

@@ -44,8 +44,11 @@ def test_goals_are_judged_from_the_rows():
                                                                   + rows("reference", {160: 5000.0, 192: 5000.0, 224: 3000.0})}),
         "train-step-compiled": gpu_suite.StageResult("train-step-compiled", figures={"rows": [
             {"step": "ours", "res": 160, "images/s": 12000.0, "compile": True}]}),
-        "train-main": gpu_suite.StageResult("train-main", figures={"epochs": [
-            {"epoch": 1, "pipeline_wait_s": 3.0}, {"epoch": 2, "pipeline_wait_s": 0.01}]}),
+        "train-main": gpu_suite.StageResult("train-main", figures={"pipeline_ready": [
+            {"epoch": int(m.group(1)), "wait_s": float(m.group(2)), "ahead": bool(m.group(3))}
+            for m in gpu_suite.PIPELINE_READY.finditer(
+                "epoch 1: input pipeline ready in 3.10 s\nepoch 2: input pipeline ready in 0.01 s, built during "
+                "the previous validation\nepoch 2: input pipeline ready in 2.50 s\n")]}),  # the last: resumed
     }
     figures = gpu_suite.collect_figures(stages, "NVIDIA H200")
     goals = {g["goal"].split(" (")[0]: (g["value"], g["status"]) for g in figures["goals"]}

@@ -390,6 +390,7 @@ class TrainLoader:
         self._resume: dict | None = None
         self._prepared: _Prepared | None = None
         self.wait_seconds = 0.0  # how long the last .epoch() call took to get its pipeline ready
+        self.built_ahead = False  # whether that pipeline came from prepare()
 
     def __len__(self) -> int:
         return self._total // self.world_size // self.batch_size
@@ -487,6 +488,7 @@ class TrainLoader:
         self._epoch, self._res, self._step = epoch, res, start
         self._pipe = None  # free the previous epoch's buffers before allocating new ones
         opened = self._take_prepared(epoch, res, start)
+        self.built_ahead = opened is not None
         if start == len(self):
             self.wait_seconds = time.perf_counter() - began
             return iter(())

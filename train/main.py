@@ -248,6 +248,8 @@ class Training:
                  f"{self.global_batch} images" + (f", resuming at step {self.step}" if self.step else ""))
         batches = self.train_loader.epoch(epoch, res)
         self.pipeline_wait = self.train_loader.wait_seconds  # ~0 when it was built during validation
+        self.say(f"epoch {epoch + 1}: input pipeline ready in {self.pipeline_wait:.2f} s"
+                 + (", built during the previous validation" if self.train_loader.built_ahead else ""))
         self.bar = None
         if self.dist.is_main:
             from tqdm import tqdm
