@@ -44,6 +44,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 H200_BF16_TFLOPS = 790.0  # dense bf16 matrix products measured on the project's H200 (8192^3, torch)
 TRAIN_GFLOP_224 = 24.6  # forward + backward of ResNet-50 per 224 px image (as benchmarks.train_step)
 EXIT_RESUME = 75  # train.main: stopped by a signal after saving, run again to resume
+BULKY = (".tar", ".idx", ".JPEG", ".jpg", ".pt", ".pth")  # left out of --export's archive
 PIPELINE_READY = re.compile(r"^epoch (\d+): input pipeline ready in ([\d.]+) s(, built during)?", re.M)
 
 
@@ -116,10 +118,11 @@ class StageResult:
 
 class Suite:
     def __init__(self, out: Path, device: str, profile: str, real_shards: Path | None, carry: Path,
-                 commit: str | None, python: str = sys.executable):
+                 commit: str | None, python: str = sys.executable, export_dir: Path | None = None):
         self.out, self.device, self.profile = out, device, profile
         self.sizes = sizes_for(device, profile)
         self.real_shards, self.carry, self.commit, self.python = real_shards, carry, commit, python
+        self.export_dir = export_dir  # refreshed after every stage: a run killed midway still leaves its results
         self.work = out / "work"
         self.logs = out / "logs"
         self.results: list[StageResult] = []
@@ -184,6 +187,9 @@ class Suite:
         print(f"[gpu_suite] {name}: {result.status} in {result.seconds:.0f} s {result.detail}".rstrip(), flush=True)
         self.results.append(result)
         self.write_results()
+        if self.export_dir is not None:
+            (self.out / "summary.md").write_text(summary_text(self))
+            export(self.out, self.export_dir, archive=False)
         return result
 
     # -- stages ----------------------------------------------------------------------------------------
@@ -271,19 +277,15 @@ class Suite:
         rows.unlink(missing_ok=True)
         device = "gpu" if self.device == "cuda" else "cpu"
         commands = []
-        for i, threads in enumerate(s.dali_threads):
-            last = i == len(s.dali_threads) - 1
+        for threads in s.dali_threads:
+            last = threads == s.baseline_workers
             cmd = [self.python, "-m", "benchmarks.dataloader", "--data", str(self.data["photos"]), "--device", device,
                    "--res", *map(str, s.res), "--threads", str(threads), "--seconds", str(s.dali_seconds),
                    "--batch-size", str(s.batch), "--warmup", "3", "--json", str(rows),
                    "--notes", f"gpu_suite {self.profile}"]
-            if last:  # the split decode path and the torchvision baseline once, with the most threads
-                cmd += ["--decode", "both"]
+            if last:  # the split decode path and the torchvision baseline (workers = threads) once
+                cmd += ["--decode", "both", "--baseline"]
             commands.append(cmd)
-        base = [self.python, "-m", "benchmarks.dataloader", "--data", str(self.data["photos"]), "--device", device,
-                "--res", *map(str, s.res), "--threads", str(s.baseline_workers), "--seconds", str(s.dali_seconds),
-                "--batch-size", str(s.batch), "--warmup", "3", "--json", str(rows), "--baseline", "--no-report"]
-        commands.append(base)
         self.run_commands(result, commands)
         result.figures = {"rows": _read_jsonl(rows)}
 
@@ -311,24 +313,25 @@ class Suite:
         deadline = time.monotonic() + result.budget_s
         figures = {"shards": self.data["shards_kind"], "command": " ".join(cmd[1:])}
         with open(log, "a") as f:
-            f.write(f"$ {' '.join(cmd)}   # run 1: SIGTERM once epoch 2 starts\n")
+            f.write(f"$ {' '.join(cmd)}   # run 1: SIGTERM once epoch 2 has its input pipeline\n")
             f.flush()
             proc = subprocess.Popen(cmd, cwd=REPO, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, start_new_session=True)
+            watchdog = threading.Timer(max(1.0, deadline - time.monotonic()), _kill_group, [proc])
+            watchdog.start()  # ends a run that hangs without printing
             signalled = None
             try:
-                for line in proc.stdout:  # train.main prints "epoch 2/2: res ..." before the epoch's first step
+                for line in proc.stdout:
                     f.write(line)
                     f.flush()
-                    if signalled is None and line.startswith("epoch 2/2: res"):
-                        time.sleep(1.0 if self.device == "cuda" else 0.2)  # a few steps into epoch 2
+                    if signalled is None and line.startswith("epoch 2: input pipeline ready"):
+                        time.sleep(0.5 if self.device == "cuda" else 0.2)  # a few steps into epoch 2
                         proc.send_signal(signal.SIGTERM)
                         signalled = time.monotonic()
-                    if time.monotonic() > deadline:
-                        raise subprocess.TimeoutExpired(cmd, result.budget_s)
-                rc1 = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _kill_group(proc)
+                rc1 = proc.wait()
+            finally:
+                watchdog.cancel()
+            if time.monotonic() >= deadline - 0.5:
                 result.status, result.detail = "timeout", f"run 1 passed the budget of {result.budget_s:.0f} s"
                 result.figures = figures
                 return
@@ -337,10 +340,12 @@ class Suite:
                 figures["sigterm_to_exit_s"] = round(time.monotonic() - signalled, 1)
             f.write(f"$ {' '.join(cmd)}   # run 2: resume\n")
             f.flush()
+            proc = subprocess.Popen(cmd, cwd=REPO, env=self.env(), stdout=f, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
             try:
-                rc2 = subprocess.run(cmd, cwd=REPO, env=self.env(), stdout=f, stderr=subprocess.STDOUT,
-                                     timeout=max(1.0, deadline - time.monotonic()), start_new_session=True).returncode
+                rc2 = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                _kill_group(proc)
                 result.status, result.detail = "timeout", f"run 2 (resume) passed the budget of {result.budget_s:.0f} s"
                 result.figures = figures
                 return
@@ -516,7 +521,7 @@ def append_suite_entry(suite: Suite, summary: str) -> None:
                   path=suite.out / "BENCHMARKS.md")
 
 
-def export(out: Path, dest: Path) -> list[Path]:
+def export(out: Path, dest: Path, archive: bool = True) -> list[Path]:
     """summary.md, results.json, BENCHMARKS.md and out as .tar.gz into dest: what the device tool brings back."""
     dest.mkdir(parents=True, exist_ok=True)
     copied = []
@@ -524,10 +529,12 @@ def export(out: Path, dest: Path) -> list[Path]:
         if (out / name).is_file():
             shutil.copy2(out / name, dest / name)
             copied.append(dest / name)
+    if not archive:
+        return copied
     archive = dest / "gpu-suite.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
-        tar.add(out, arcname="gpu-suite", filter=lambda info: None if "/work/" in f"/{info.name}/" and
-                info.name.endswith((".tar", ".idx", ".JPEG")) else info)
+        # shards, photos and checkpoints stay behind: each file that comes back must be small
+        tar.add(out, arcname="gpu-suite", filter=lambda info: None if info.name.endswith(BULKY) else info)
     copied.append(archive)
     return copied
 
@@ -596,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     if only and not only <= set(STAGE_NAMES):
         p.error(f"--stages {args.stages}: choose from {', '.join(STAGE_NAMES)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    suite = Suite(args.out.resolve(), device, args.profile, args.real_shards, args.carry, args.commit)
+    suite = Suite(args.out.resolve(), device, args.profile, args.real_shards, args.carry, args.commit,
+                  export_dir=args.export)
     suite.run(only)
     summary = summary_text(suite)
     (suite.out / "summary.md").write_text(summary)

@@ -66,6 +66,7 @@ def test_goals_are_judged_from_the_rows():
 def test_reduced_cpu_dry_run_writes_everything_under_out(tmp_path):
     out, export = tmp_path / "suite", tmp_path / "export"
     code = gpu_suite.main(["--out", str(out), "--device", "cpu", "--stages", "gpu-tests", "--export", str(export),
+                           "--carry", str(tmp_path / "no-parts"),
                            "--commit", "abc1234"])
     results = json.loads((out / "results.json").read_text())
     status = {s["name"]: s["status"] for s in results["stages"]}
