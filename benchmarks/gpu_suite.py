@@ -9,8 +9,8 @@ budget, each run even when an earlier one failed:
 
   env                  versions (torch, CUDA, GPU, DALI, nvImageCodec), the commit; never fails
   data                 photo-like 500 px JPEG shards for the loader benchmark; the real Imagenette shards
-                       (`--real-shards`, or the parts `benchmarks.carry_data` left in .carry/), else toy
-                       shards from generated JPEG folders, labelled "toy"
+                       (`--real-shards`, or on a GPU the parts `benchmarks.carry_data` left in .carry/),
+                       else toy shards from generated JPEG folders, labelled "toy"
   gpu-tests            pytest tests/test_data_gpu.py (skipped without CUDA)
   dali                 DALI images/s (fused and split decode) at 160 and 192 px with 4 and 6 CPU threads,
                        against the torchvision DataLoader with 6 workers (benchmarks.dataloader)
@@ -143,7 +143,7 @@ class Suite:
     def env(self) -> dict:
         path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-                "BENCHMARKS_FILE": str(self.out / "BENCHMARKS.md")}
+                "BENCHMARKS_FILE": str(self.out / "BENCHMARKS.md"), "BENCHMARK_COMMIT": self.env_info.get("commit", "")}
 
     def run_commands(self, result: StageResult, commands: list[list[str]]) -> None:
         """Run commands one after another within the stage's budget, output appended to its log."""
@@ -234,7 +234,10 @@ class Suite:
         self.data["photos"] = photos
         notes = [f"{s.photos} photo-like JPEGs <= {s.photo_side} px in {photos.name}"]
         real = self.real_shards
-        if real is None and (self.carry / "data-p00").is_dir():
+        if real is None and (self.carry / "data-p00").is_dir() and self.device == "cpu":
+            notes.append(f"the real shards in {self.carry} are left alone on a CPU (too big for a dry run; "
+                         "--real-shards DIR to use some)")
+        elif real is None and (self.carry / "data-p00").is_dir():
             from benchmarks.carry_data import unpack
 
             real = self.work / "imagenette-shards"
@@ -253,8 +256,8 @@ class Suite:
             toy = self.work / "toy-shards"
             toy_shards(toy, images_per_shard=100, workers=min(4, os.cpu_count() or 1), **s.toy)
             self.data.update(shards=toy, shards_kind="toy", shards_name="generated shapes (toy)")
-            notes.append(f"no real shards (no --real-shards, no {self.carry}/data-p00): TOY shards of generated "
-                         f"shapes, {s.toy['classes']} classes x {s.toy['per_class']} train images")
+            notes.append(f"TOY shards of generated shapes, {s.toy['classes']} classes x {s.toy['per_class']} train "
+                         "images (real ones: --real-shards DIR, or the carry_data parts on a GPU)")
         result.figures = {"photos": str(photos), "shards": str(self.data["shards"]), "shards_kind": self.data["shards_kind"]}
         result.status, result.detail = "ok", "; ".join(notes)
 
@@ -477,6 +480,31 @@ def goals(ours: dict, ref: dict, dali_rows: list, train_main: dict, gpu_name: st
     return rows
 
 
+def _rate(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def figure_lines(f: dict) -> list[str]:
+    """The figures as markdown table rows (header included)."""
+    lines = ["| figure | value |", "|---|---|"]
+    lines += [f"| {key} images/s | {_rate(value)} |" for key, value in f["dali"].items()]
+    lines += [f"| torchvision DataLoader {key} images/s | {_rate(value)} |" for key, value in f["baseline"].items()]
+    for key, value in f["step"].items():
+        pct = f", {value['% of 790 TFLOP/s']}% of 790 TFLOP/s" if value["% of 790 TFLOP/s"] is not None else ""
+        lines.append(f"| step {key} images/s | {_rate(value['images/s'])} ({value['TFLOP/s']} TFLOP/s{pct}) |")
+    lines += [f"| {key} | {value:.2f}x |" for key, value in f["ratios"].items()]
+    for e in f["train_main"].get("epochs", []):
+        top1 = f"{100 * e['top1']:.2f}%" if isinstance(e.get("top1"), (int, float)) else "n/a"
+        lines.append(f"| train.main epoch {e['epoch']} ({e['resolution']} px, {e['decode']}) | {e['images_per_s']} img/s, "
+                     f"pipeline wait {e['pipeline_wait_s']} s, eval {e['eval_seconds']} s, top-1 {top1} |")
+    return lines
+
+
+def goal_lines(f: dict) -> list[str]:
+    return ["| goal | value | status |", "|---|---|---|"] + [f"| {g['goal']} | {g['value']} | {g['status']} |"
+                                                           for g in f["goals"]]
+
+
 def summary_text(suite: Suite) -> str:
     f = suite.figures()
     env = suite.env_info
@@ -488,37 +516,24 @@ def summary_text(suite: Suite) -> str:
              "| stage | status | s | budget s | detail |", "|---|---|---|---|---|"]
     for r in suite.results:
         lines.append(f"| {r.name} | {r.status} | {r.seconds:.0f} | {r.budget_s:.0f} | {r.detail[:110].replace('|', '/')} |")
-    lines += ["", "| figure | value |", "|---|---|"]
-    for key, value in f["dali"].items():
-        lines.append(f"| {key} images/s | {value:,.0f} |")
-    for key, value in f["baseline"].items():
-        lines.append(f"| torchvision DataLoader {key} images/s | {value:,.0f} |")
-    for key, value in f["step"].items():
-        pct = f", {value['% of 790 TFLOP/s']}% of 790 TFLOP/s" if value["% of 790 TFLOP/s"] is not None else ""
-        lines.append(f"| step {key} images/s | {value['images/s']:,.0f} ({value['TFLOP/s']} TFLOP/s{pct}) |")
-    for key, value in f["ratios"].items():
-        lines.append(f"| {key} | {value:.2f}x |")
-    for e in f["train_main"].get("epochs", []):
-        top1 = f"{100 * e['top1']:.2f}%" if isinstance(e.get("top1"), (int, float)) else "n/a"
-        lines.append(f"| train.main epoch {e['epoch']} ({e['resolution']} px, {e['decode']}) | {e['images_per_s']} img/s, "
-                     f"pipeline wait {e['pipeline_wait_s']} s, eval {e['eval_seconds']} s, top-1 {top1} |")
-    lines += ["", "| goal | value | status |", "|---|---|---|"]
-    lines += [f"| {g['goal']} | {g['value']} | {g['status']} |" for g in f["goals"]]
-    lines += ["", f"files: {suite.out}/results.json, summary.md, BENCHMARKS.md, logs/"]
+    lines += ["", *figure_lines(f), "", *goal_lines(f), "",
+              f"files: {suite.out}/results.json, summary.md, BENCHMARKS.md, logs/"]
     return "\n".join(lines) + "\n"
 
 
-def append_suite_entry(suite: Suite, summary: str) -> None:
+def append_suite_entry(suite: Suite) -> None:
     from benchmarks.report import append_result
 
+    f = suite.figures()
     rows = [{"stage": r.name, "status": r.status, "seconds": r.seconds, "detail": r.detail[:160]} for r in suite.results]
-    device = suite.env_info.get("gpu") or "CPU"
-    notes = "\n".join(line for line in summary.splitlines()[4:] if line.startswith("|") and "stage" not in line
-                      and not line.startswith("|---"))
+    env = suite.env_info
+    device = f"{env['gpu']} ({env.get('driver', '')})" if env.get("gpu") else f"CPU, {env.get('cpus')} cores"
+    versions = (f"torch {env.get('torch')}, DALI {env.get('nvidia-dali-cuda130') or env.get('nvidia-dali-cuda120')}, "
+                f"nvImageCodec {env.get('nvidia-nvimgcodec-cu13') or env.get('nvidia-nvimgcodec-cu12')}; "
+                f"shards: {suite.data.get('shards_kind', '?')}")
+    notes = "\n".join([versions, "", *figure_lines(f), "", *goal_lines(f)])
     append_result("GPU suite", rows, f"python -m benchmarks.gpu_suite --profile {suite.profile} --device {suite.device}",
-                  device, "figures:\n\n| figure | value |\n|---|---|\n" + "\n".join(
-                      line for line in notes.splitlines() if not any(line.startswith(f"| {r.name} |") for r in suite.results)),
-                  path=suite.out / "BENCHMARKS.md")
+                  device, notes, path=suite.out / "BENCHMARKS.md")
 
 
 def export(out: Path, dest: Path, archive: bool = True) -> list[Path]:
@@ -603,13 +618,15 @@ def main(argv: list[str] | None = None) -> int:
     if only and not only <= set(STAGE_NAMES):
         p.error(f"--stages {args.stages}: choose from {', '.join(STAGE_NAMES)}")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.commit:
+        os.environ["BENCHMARK_COMMIT"] = args.commit  # for this process's own BENCHMARKS.md entry
     suite = Suite(args.out.resolve(), device, args.profile, args.real_shards, args.carry, args.commit,
                   export_dir=args.export)
     suite.run(only)
     summary = summary_text(suite)
     (suite.out / "summary.md").write_text(summary)
     try:
-        append_suite_entry(suite, summary)
+        append_suite_entry(suite)
     except Exception as exc:  # the summary and results are written already
         print(f"[gpu_suite] could not write BENCHMARKS.md: {exc}", file=sys.stderr)
     suite.write_results()

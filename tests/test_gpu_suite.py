@@ -75,7 +75,7 @@ def test_reduced_cpu_dry_run_writes_everything_under_out(tmp_path):
     gpu_tests = next(s for s in results["stages"] if s["name"] == "gpu-tests")
     assert gpu_tests["figures"]["tests"] >= 10 and gpu_tests["figures"]["failures"] == 0
     assert (out / "logs" / "gpu-tests.log").is_file() and "| gpu-tests | ok |" in (out / "summary.md").read_text()
-    assert "## GPU suite" in (out / "BENCHMARKS.md").read_text()
+    assert "## GPU suite" in (out / "BENCHMARKS.md").read_text() and "commit `abc1234`" in (out / "BENCHMARKS.md").read_text()
     assert sorted(p.name for p in export.iterdir()) == ["BENCHMARKS.md", "gpu-suite.tar.gz", "results.json",
                                                         "summary.md"]
     with tarfile.open(export / "gpu-suite.tar.gz") as tar:
