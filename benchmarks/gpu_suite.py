@@ -81,8 +81,8 @@ class Sizes:
 def sizes_for(device: str, profile: str) -> Sizes:
     full = profile == "full"
     if device == "cuda":
-        budgets = {"data": 40, "gpu-tests": 50, "dali": 75, "train-step": 35, "train-main": 100,
-                   "train-step-compiled": 120, "proxy": 0}
+        budgets = {"data": 40, "gpu-tests": 50, "dali": 75, "train-step": 35, "train-main": 115,
+                   "train-step-compiled": 105, "proxy": 0}
         if full:
             budgets = {"data": 60, "gpu-tests": 90, "dali": 200, "train-step": 90, "train-main": 300,
                        "train-step-compiled": 400, "proxy": 3600}
