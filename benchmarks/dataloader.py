@@ -51,7 +51,8 @@ def write_synthetic_shards(out: Path, images: int, *, classes: int = 10, max_sid
                 "classes": [{"index": c, "wnid": f"synthetic{c:04d}", "name": f"class {c}"} for c in range(classes)],
                 "splits": {"train": {"images": images, "shards": shards,
                                      "per_class": [len(range(c, images, classes)) for c in range(classes)]}},
-                "source": {"kind": "benchmarks.dataloader synthetic", "max_side": max_side, "quality": quality}}
+                "source": {"kind": "benchmarks.dataloader synthetic", "max_side": max_side, "quality": quality},
+                "settings": {"max_side": max_side, "quality": quality, "images_per_shard": per_shard}}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out
 
@@ -98,21 +99,22 @@ def dali_batches(pipe, dtype, classes: int):
 
 
 def measure_dali(data_dir: Path, device: str, threads: int, res: int, batch_size: int, dtype: torch.dtype,
-                 seconds: float, warmup: int) -> dict:
+                 seconds: float, warmup: int, decode: str = "fused") -> dict:
     manifest = load_manifest(data_dir)
     shards = split_shards(data_dir, "train", manifest)
     device_id = 0 if device == "gpu" else None
     sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
     start = time.perf_counter()
     pipe = data.build_train_pipeline([t for t, _ in shards], [i for _, i in shards], batch_size=batch_size, res=res,
-                                     device_id=device_id, num_threads=threads, dtype=dtype)
+                                     device_id=device_id, num_threads=threads, dtype=dtype, decode=decode,
+                                     max_side=data.manifest_max_side(manifest))
     batches = dali_batches(pipe, dtype, int(manifest["num_classes"]))
     next(batches)
     sync()
     setup = time.perf_counter() - start
     result = measure(batches, batch_size, seconds, warmup, sync)
-    return {"pipeline": f"dali-{device}", "device": device, "threads": threads, "res": res, "batch": batch_size,
-            **result, "epoch setup s": round(setup, 2)}
+    return {"pipeline": f"dali-{device}" + ("" if decode == "fused" else f"-{decode}"), "device": device,
+            "threads": threads, "res": res, "batch": batch_size, **result, "epoch setup s": round(setup, 2)}
 
 
 def measure_baseline(data_dir: Path, workers: int, res: int, batch_size: int, seconds: float, warmup: int) -> dict:
@@ -157,6 +159,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="DALI output precision (default: fp16 on gpu, fp32 on cpu like the baseline)")
     p.add_argument("--baseline", action="store_true", help="also measure the torchvision DataLoader path")
+    p.add_argument("--decode", choices=["fused", "split", "both"], default="fused",
+                   help="DALI decode path: fused (decoders.image_random_crop), split (decoders.image + "
+                        "random_resized_crop, the trainer's fallback) or both")
+    p.add_argument("--json", type=Path, default=None, help="also append each row to this file as a JSON line")
     p.add_argument("--images", type=int, default=320, help="synthetic images to write when no --data")
     p.add_argument("--max-side", type=int, default=500, help="longest side of synthetic images, pixels")
     p.add_argument("--report", type=Path, default=None,
@@ -166,7 +172,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.threads is None:
         cores = os.cpu_count() or 1
-        # nvJPEG preallocates per thread (~200 MB GPU + ~280 MB pinned): all cores of a big host would not fit.
+        # What one trainer process gets: the host's cores shared by its GPUs, at most 8 (DALI threads per GPU).
         args.threads = min(8, max(1, cores // max(1, torch.cuda.device_count()))) if args.device == "gpu" else cores
     for name in ("batch_size", "threads", "warmup", "images", "max_side"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
@@ -190,11 +196,20 @@ def describe(device: str) -> str:
 def run(args: argparse.Namespace, data_dir: Path) -> list[dict]:
     dtype = DTYPES[args.dtype or ("fp16" if args.device == "gpu" else "fp32")]
     rows = []
+    decodes = ["fused", "split"] if args.decode == "both" else [args.decode]
+
+    def keep(row: dict) -> None:  # written at once: a run stopped by a time limit keeps what it measured
+        rows.append(row)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
     for res in args.res:
-        rows.append(measure_dali(data_dir, args.device, args.threads, res, args.batch_size, dtype, args.seconds,
-                                 args.warmup))
+        for decode in decodes:
+            keep(measure_dali(data_dir, args.device, args.threads, res, args.batch_size, dtype, args.seconds,
+                              args.warmup, decode))
         if args.baseline:
-            rows.append(measure_baseline(data_dir, args.threads, res, args.batch_size, args.seconds, args.warmup))
+            keep(measure_baseline(data_dir, args.threads, res, args.batch_size, args.seconds, args.warmup))
     return rows
 
 

@@ -17,12 +17,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PATH = REPO / "docs" / "BENCHMARKS.md"
 ENV_PATH = "BENCHMARKS_FILE"  # overrides DEFAULT_PATH, e.g. for tests
+COMMIT_ENV = "BENCHMARK_COMMIT"  # the commit to record where git cannot tell (benchmarks.gpu_suite --commit)
 HEADER = ("# Benchmarks\n\nResults appended by `python -m benchmarks.<name>`; each entry names its date, commit, "
           "device and command. Within a section, newest last.\n")
 
 
 def git_commit(repo: Path = REPO) -> str:
-    """Short hash of HEAD, "+dirty" if the tree differs from it; "unknown" outside a git checkout."""
+    """Short hash of HEAD, "+dirty" if the tree differs from it; $BENCHMARK_COMMIT when set (a copy of the
+    checkout without .git, e.g. on a device machine); "unknown" outside a git checkout."""
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
                               check=True, timeout=10).stdout.strip()

@@ -4,7 +4,9 @@
 
 Two steps are timed at each resolution (forward, backward, SGD update; no data loading):
   ours       the trainer's step (train.engine.train_step): the rn50 recipe model (BlurPool), channels_last,
-             bf16 autocast where the GPU has it (else fp16 + GradScaler), fp32 on the CPU; --compile: torch.compile
+             bf16 autocast where the GPU has it (else fp16 + GradScaler), fp32 on the CPU, fused SGD on a GPU;
+             its input is what the trainer's loader delivers: images in the autocast dtype (bf16), NHWC;
+             --compile: torch.compile
   reference  plain torchvision resnet50 in NCHW, fp16 autocast + GradScaler on a GPU, fp32 on the CPU, eager
 "% of peak" divides the achieved FLOP rate by the GPU's dense bf16 tensor peak (table below). FLOPs per
 image: 24.6 GFLOP at 224 px (3 x 8.2 GFLOP forward), scaled by (res/224)^2; BlurPool's extra FLOPs are
@@ -15,9 +17,11 @@ docs/BENCHMARKS.md, section "Train step" (or to $BENCHMARKS_FILE).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -39,7 +43,8 @@ def train_gflop(res: int) -> float:
     return TRAIN_GFLOP_224 * (res / 224) ** 2
 
 
-def build_step(kind: str, device: torch.device, batch_size: int, res: int, compile_model: bool):
+def build_step(kind: str, device: torch.device, batch_size: int, res: int, compile_model: bool,
+               precision: str = "auto", arch: str = "resnet50"):
     """A zero-argument callable doing one training step, and a description of its settings."""
     import torchvision
 
@@ -49,24 +54,28 @@ def build_step(kind: str, device: torch.device, batch_size: int, res: int, compi
 
     cuda = device.type == "cuda"
     if kind == "ours":
-        model = build_model(ModelConfig(), num_classes=1000).to(device, memory_format=torch.channels_last)
+        model = build_model(ModelConfig(arch=arch), num_classes=1000).to(device, memory_format=torch.channels_last)
         optimizer = build_optimizer(model, OptimConfig(), lr=0.1)
-        amp_dtype = pick_precision("auto", device.type)
+        amp_dtype = pick_precision(precision, device.type)
         memory_format = torch.channels_last
         criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
         if compile_model:
             model = torch.compile(model, dynamic=False)  # as the trainer: one static graph per resolution
     else:
-        model = torchvision.models.resnet50(num_classes=1000).to(device)
+        model = getattr(torchvision.models, arch)(num_classes=1000).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
         amp_dtype = torch.float16 if cuda else None
         memory_format = torch.contiguous_format
         criterion = nn.CrossEntropyLoss()
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    images = torch.randn(batch_size, 3, res, res, device=device).contiguous(memory_format=memory_format)
+    # The trainer's loader hands over images already in the autocast dtype; the reference gets fp32.
+    input_dtype = (amp_dtype or torch.float32) if kind == "ours" else torch.float32
+    images = torch.randn(batch_size, 3, res, res, device=device, dtype=input_dtype).contiguous(
+        memory_format=memory_format)
     labels = torch.randint(0, 1000, (batch_size,), device=device)
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16+GradScaler"}[amp_dtype]
-    settings = {"precision": precision, "layout": "NHWC" if memory_format == torch.channels_last else "NCHW",
+    settings = {"precision": precision, "input": str(input_dtype).removeprefix("torch."),
+                "layout": "NHWC" if memory_format == torch.channels_last else "NCHW",
                 "compile": compile_model and kind == "ours"}
     return (lambda: train_step(model, images, labels, optimizer, criterion, scaler, amp_dtype)), settings
 
@@ -86,19 +95,27 @@ def time_steps(step, device: torch.device, warmup: int, steps: int) -> float:
 
 
 def run(resolutions: list[int], batch_size: int, device: torch.device, steps: int, warmup: int,
-        compile_model: bool) -> list[dict]:
+        compile_model: bool, kinds=("ours", "reference"), precision: str = "auto", json_path=None,
+        arch: str = "resnet50") -> list[dict]:
+    """One row per (resolution, kind); each row is also appended to `json_path` (JSON lines) as soon as it
+    is measured, so a run stopped by a time limit keeps what it measured."""
     peak = bf16_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     rows = []
     for res in resolutions:
-        for kind in ("ours", "reference"):
-            step, settings = build_step(kind, device, batch_size, res, compile_model)
+        for kind in kinds:
+            step, settings = build_step(kind, device, batch_size, res, compile_model, precision, arch)
+            began = time.perf_counter()
             seconds = time_steps(step, device, warmup, steps)
             images_per_s = batch_size / seconds
             tflops = images_per_s * train_gflop(res) / 1000
             rows.append({"step": kind, "res": res, "batch": batch_size, **settings,
                          "images/s": round(images_per_s, 1), "TFLOP/s": round(tflops, 2),
-                         "% of bf16 peak": f"{100 * tflops / peak:.1f}" if peak else "n/a"})
+                         "% of bf16 peak": f"{100 * tflops / peak:.1f}" if peak else "n/a",
+                         "warm-up + timed s": round(time.perf_counter() - began, 1)})
             print(" | ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)
+            if json_path:
+                with open(json_path, "a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
             del step
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -113,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile our step (not the reference)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement (default 30)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 10 with --compile)")
+    p.add_argument("--only", choices=["ours", "reference"], default=None, help="time one of the two steps only")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="our step's autocast dtype (auto: as the trainer picks it)")
+    p.add_argument("--json", type=Path, default=None, help="also append each row to this file as a JSON line")
+    p.add_argument("--arch", choices=["resnet50", "resnet18"], default="resnet50",
+                   help="resnet18 only for quick CPU dry runs (the FLOP figures assume resnet50)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
@@ -129,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
     warmup = args.warmup if args.warmup is not None else (10 if args.compile else 3)
     load = os.getloadavg()[0]
-    rows = run(args.res, args.batch_size, device, args.steps, warmup, args.compile)
+    kinds = (args.only,) if args.only else ("ours", "reference")
+    rows = run(args.res, args.batch_size, device, args.steps, warmup, args.compile, kinds, args.precision, args.json,
+               args.arch)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
     command = "python -m benchmarks.train_step " + " ".join(sys.argv[1:] if argv is None else argv)
     notes = (f"Synthetic tensors, no data loading; {warmup} warm-up + {args.steps} timed steps; torch "

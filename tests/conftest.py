@@ -44,3 +44,13 @@ def shards_dir(tmp_path_factory, synthetic_parquet) -> Path:
     out = tmp_path_factory.mktemp("shards")
     shard.run(str(synthetic_parquet), out, images_per_shard=IMAGES_PER_SHARD, workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def folder_shards_dir(tmp_path_factory) -> Path:
+    """The same sizes as `shards_dir` (10 classes, 200 train / 70 val images), made without `datasets`:
+    generated JPEG folders through the ImageFolder source, as on a bare GPU machine."""
+    from benchmarks.toydata import toy_shards
+
+    return toy_shards(tmp_path_factory.mktemp("folder") / "shards", classes=NUM_CLASSES, per_class=TRAIN_PER_CLASS,
+                      val_per_class=VAL_PER_CLASS, size=IMAGE_SIZE, images_per_shard=IMAGES_PER_SHARD)

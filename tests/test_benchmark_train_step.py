@@ -26,5 +26,17 @@ def test_cpu_run_appends_both_steps(tmp_path, monkeypatch, capsys):
     text = target.read_text()
     assert "## Train step" in text and "--res 32 --batch-size 2" in text
     rows = [line for line in text.splitlines() if line.startswith("| ours") or line.startswith("| reference")]
-    assert len(rows) == 2 and all("| 32 | 2 | fp32 |" in row for row in rows)
+    assert len(rows) == 2 and all("| 32 | 2 | fp32 | float32 |" in row for row in rows)
     assert "n/a" in rows[0]  # no bf16 peak for a CPU
+
+
+def test_our_step_is_fed_the_trainers_dtype_and_rows_go_to_json(tmp_path, monkeypatch):
+    """The trainer's loader delivers bf16 images when it trains in bf16: the benchmark must time that input."""
+    import json
+
+    monkeypatch.setenv("BENCHMARKS_FILE", str(tmp_path / "BENCHMARKS.md"))
+    out = tmp_path / "rows.jsonl"
+    assert train_step.main(["--device", "cpu", "--res", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+                            "--precision", "bf16", "--only", "ours", "--json", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["step"], r["precision"], r["input"], r["layout"]) for r in rows] == [("ours", "bf16", "bfloat16", "NHWC")]

@@ -56,6 +56,10 @@ class DataConfig:
                            check=("in (0, 1]", lambda v: 0 < v <= 1))
     allow_unshuffled: bool = _opt(False, "train even if the train shards look class-sorted (fewer than half the "
                                   "classes per shard that a random order gives); off: refuse, they would train badly")
+    decode: str = _opt("auto", "training decode path: fused (decoders.image_random_crop), split (decoders.image + "
+                       "random_resized_crop: the fallback for GPUs where the fused mixed decoder fails), auto (fused, "
+                       "checked in a child process on a GPU; split if that or the first batch fails)",
+                       choices=("auto", "fused", "split"))
 
 
 @dataclass(frozen=True)

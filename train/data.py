@@ -18,6 +18,14 @@ How an epoch is made (what the trainer can rely on):
   RNGs are seeded by (seed, e, r). A run resumed at an epoch boundary therefore needs no loader state.
 - Every rank runs `len(loader) = (N // W) // batch_size` steps; the ranks' leftover samples (fewer than
   one batch, plus at most one for the uneven split) are dropped for that epoch only.
+- Decoding (`decode`): "fused" is decoders.image_random_crop (decodes only the crop window); "split" is
+  decoders.image + random_resized_crop, the fallback for GPUs where the fused mixed decoder fails
+  (nvImageCodec 0.9, NVIDIA/nvImageCodec issue 55: an error on A100, a segfault on H100). "auto" uses
+  fused, after checking it in a child process on a GPU (`train.decode_probe`: a segfault cannot be caught
+  in-process), and switches to split if the first batch of the fused pipeline fails.
+- The next epoch's pipeline can be built ahead (`prepare(epoch, res)`, in a thread, e.g. while validation
+  runs); `.epoch()` then takes it, its first batch already decoded.
+- GPU batches come back on torch's current stream (`pipe.run(stream)`): no host sync per batch.
 - Mid-epoch resume uses DALI checkpointing: `state_dict()` holds (epoch, res, step) and the pipeline's
   serialized state; `load_state_dict()` + `.epoch(e, res)` rebuilds the epoch's pipeline from it and
   yields exactly the remaining batches of the uninterrupted run. The state is per rank.
@@ -40,6 +48,9 @@ import contextlib
 import io
 import math
 import os
+import threading
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +64,13 @@ STD = (0.229, 0.224, 0.225)
 ASPECT_RANGE = (3 / 4, 4 / 3)  # random-resized-crop width/height range
 SHUFFLE_BUFFER = 4096  # samples DALI holds to shuffle a rank's reads (~450 MB at ImageNet's ~110 KB/image)
 STATE_VERSION = 1
-# nvJPEG scratch sizes (bytes) big enough for any ImageNet image, so the GPU decoder never reallocates.
-NVJPEG_DEVICE_PADDING = 211_025_920
-NVJPEG_HOST_PADDING = 140_544_512
+DECODE_MODES = ("auto", "fused", "split")
+# nvJPEG scratch per decoder thread, in bytes per pixel of the largest image in the shards. NVIDIA's ResNet-50
+# example pads 211 MB GPU + 140 MB pinned host memory for ImageNet's ~12 Mpx originals (~17 and ~12 B/px);
+# our shards hold images of at most `max_side` px (500 by default: 0.25 Mpx), so a few MB suffice.
+NVJPEG_DEVICE_BYTES_PER_PIXEL = 18
+NVJPEG_HOST_BYTES_PER_PIXEL = 12
+MIB = 1 << 20
 
 
 def dali_available() -> bool:
@@ -78,6 +93,23 @@ def _dali():
 
 def num_classes(data_dir) -> int:
     return int(load_manifest(data_dir)["num_classes"])
+
+
+def manifest_max_side(manifest: dict) -> int | None:
+    """Longest image side (pixels) the shards were written with, if the manifest says."""
+    side = (manifest.get("settings") or {}).get("max_side")
+    return int(side) if side else None
+
+
+def nvjpeg_paddings(max_side: int | None) -> dict:
+    """nvJPEG buffer sizes (bytes, whole MiB) and hardware-decoder size hints for images of at most
+    `max_side` px; without a known size, DALI's own defaults (16 MiB GPU, 8 MiB host) apply."""
+    if not max_side:
+        return {}
+    pixels = max_side * max_side
+    return {"device_memory_padding": -(-NVJPEG_DEVICE_BYTES_PER_PIXEL * pixels // MIB) * MIB,
+            "host_memory_padding": -(-NVJPEG_HOST_BYTES_PER_PIXEL * pixels // MIB) * MIB,
+            "preallocate_width_hint": max_side, "preallocate_height_hint": max_side}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -130,13 +162,11 @@ def _read_webdataset(fn, types, tars, idxs, *, world_size, rank, shuffle_buffer=
         name="reader")
 
 
-def _decoder_args(device_id, preallocate: bool = True) -> dict:
-    """Decoder placement; `preallocate` sizes nvJPEG's per-thread buffers for any ImageNet image up front
-    (training); the validation pipeline, alive for the whole run, keeps DALI's small defaults."""
-    if device_id is None or not preallocate:
-        return {"device": "cpu" if device_id is None else "mixed"}
-    return {"device": "mixed", "device_memory_padding": NVJPEG_DEVICE_PADDING,
-            "host_memory_padding": NVJPEG_HOST_PADDING}
+def _decoder_args(device_id, max_side: int | None = None) -> dict:
+    """Decoder placement; on a GPU, nvJPEG's per-thread buffers sized for the shards' largest image."""
+    if device_id is None:
+        return {"device": "cpu"}
+    return {"device": "mixed", **nvjpeg_paddings(max_side)}
 
 
 def _normalize(fn, images, dtype, **kwargs):
@@ -147,18 +177,28 @@ def _normalize(fn, images, dtype, **kwargs):
 def build_train_pipeline(tars, idxs, *, batch_size: int, res: int, world_size: int = 1, rank: int = 0,
                          seed: int = 0, device_id: int | None = None, num_threads: int = 2,
                          dtype: torch.dtype = torch.float32, min_area: float = 0.08,
-                         shuffle_buffer: int = SHUFFLE_BUFFER, checkpoint: str | bytes | None = None):
-    """A built, checkpointable training pipeline: outputs (images HWC res x res, labels [B, 1] int64)."""
+                         shuffle_buffer: int = SHUFFLE_BUFFER, checkpoint: str | bytes | None = None,
+                         decode: str = "fused", max_side: int | None = None):
+    """A built, checkpointable training pipeline: outputs (images HWC res x res, labels [B, 1] int64).
+
+    decode: "fused" (decoders.image_random_crop, decodes only the crop) or "split" (decoders.image, then
+    random_resized_crop on the decoder's device: the fallback when the fused mixed decoder fails)."""
+    if decode not in ("fused", "split"):
+        raise ValueError(f"decode {decode!r}: expected 'fused' or 'split'")
     Pipeline, fn, types = _dali()
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                     enable_checkpointing=True, checkpoint=checkpoint, exec_dynamic=True)
+    crop = {"random_area": [min_area, 1.0], "random_aspect_ratio": list(ASPECT_RANGE), "num_attempts": 10}
     with pipe:
         jpegs, labels = _read_webdataset(fn, types, tars, idxs, world_size=world_size, rank=rank,
                                          shuffle_buffer=shuffle_buffer)
-        images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=[min_area, 1.0],
-                                               random_aspect_ratio=list(ASPECT_RANGE), num_attempts=10,
-                                               **_decoder_args(device_id))
-        images = fn.resize(images, resize_x=res, resize_y=res)
+        if decode == "fused":
+            images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, **crop,
+                                                   **_decoder_args(device_id, max_side))
+            images = fn.resize(images, resize_x=res, resize_y=res)
+        else:
+            images = fn.decoders.image(jpegs, output_type=types.RGB, **_decoder_args(device_id, max_side))
+            images = fn.random_resized_crop(images, size=[res, res], **crop)
         images = _normalize(fn, images, _dali_output_type(dtype), mirror=fn.random.coin_flip(probability=0.5))
         pipe.set_outputs(images, labels)
     pipe.build()
@@ -167,14 +207,14 @@ def build_train_pipeline(tars, idxs, *, batch_size: int, res: int, world_size: i
 
 def build_val_pipeline(tars, idxs, *, batch_size: int, res: int, crop_ratio: float = 224 / 256,
                        world_size: int = 1, rank: int = 0, device_id: int | None = None, num_threads: int = 2,
-                       dtype: torch.dtype = torch.float32):
+                       dtype: torch.dtype = torch.float32, max_side: int | None = None):
     """A built validation pipeline; each pass is ceil(ceil(N / W) / B) batches, padded with the last sample."""
     Pipeline, fn, types = _dali()
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0, exec_dynamic=True)
     with pipe:
         jpegs, labels = _read_webdataset(fn, types, tars, idxs, world_size=world_size, rank=rank,
                                          pad_last_batch=True)
-        images = fn.decoders.image(jpegs, output_type=types.RGB, **_decoder_args(device_id, preallocate=False))
+        images = fn.decoders.image(jpegs, output_type=types.RGB, **_decoder_args(device_id, max_side))
         images = fn.resize(images, resize_shorter=res / crop_ratio)
         images = _normalize(fn, images, _dali_output_type(dtype), crop=(res, res))
         pipe.set_outputs(images, labels)
@@ -284,10 +324,39 @@ def _resolve_device_id(device: str, device_id: int | None) -> int | None:
 
 
 def _open_split(data_dir, split: str):
-    """(tar/idx pairs, manifest shard entries, image count, class count) of one split, files checked."""
+    """(tar/idx pairs, manifest shard entries, image count, class count, max image side) of one split."""
     manifest = load_manifest(data_dir)
     return (split_shards(data_dir, split, manifest), manifest["splits"][split]["shards"],
-            split_size(manifest, split), int(manifest["num_classes"]))
+            split_size(manifest, split), int(manifest["num_classes"]), manifest_max_side(manifest))
+
+
+def _run_pipe(pipe, device_id: int | None):
+    """One batch. On a GPU the outputs are bound to torch's current stream: torch's kernels wait for DALI's
+    on the device instead of the host waiting for each batch."""
+    if device_id is None:
+        return pipe.run()
+    return pipe.run(torch.cuda.current_stream(device_id))
+
+
+class _Prepared:
+    """An epoch's pipeline being built (and its first batch run) in a background thread."""
+
+    def __init__(self, key: tuple, work):
+        self.key, self.result, self.error = key, None, None
+        self.thread = threading.Thread(target=self._target, args=(work,), name=f"dali-prepare-{key}", daemon=True)
+        self.thread.start()
+
+    def _target(self, work) -> None:
+        try:
+            self.result = work()
+        except BaseException as exc:  # handed to the consumer, raised there
+            self.error = exc
+
+    def take(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 class TrainLoader:
@@ -295,24 +364,33 @@ class TrainLoader:
 
     def __init__(self, data_dir, batch_size, *, rank=0, world_size=1, seed=0, device="cpu", device_id=None,
                  num_threads=2, dtype=torch.float32, min_area=0.08, split="train", shuffle_buffer=SHUFFLE_BUFFER,
-                 with_keys=False):
+                 with_keys=False, decode="auto"):
         _check_common(batch_size, rank, world_size, device)
         if not 0 < min_area <= 1:
             raise ValueError(f"min_area {min_area}: must be in (0, 1]")
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode {decode!r}: expected one of {', '.join(DECODE_MODES)}")
         _dali_output_type(dtype)
-        self._shards, self._infos, self._total, self._classes = _open_split(data_dir, split)
+        self._shards, self._infos, self._total, self._classes, self.max_side = _open_split(data_dir, split)
         self._split = split
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.device_id = _resolve_device_id(device, device_id)
         self.num_threads, self.dtype, self.min_area = num_threads, dtype, min_area
         self.shuffle_buffer = min(shuffle_buffer, self._total // world_size)
         self.with_keys = with_keys
+        self.decode = decode
+        # The decode path in use: the explicit choice, or for "auto" what the probe / a failed batch decided.
+        self.decode_used: str | None = None if decode == "auto" else decode
+        self.notes: list[str] = []  # what the loader decided on its own (fallbacks), for the run's log
         if len(self) == 0:
             raise ValueError(f"batch_size {batch_size} > {self._total // world_size} training images per rank "
                              f"({self._total} in {split!r} over {world_size} ranks): lower the batch size")
         self._pipe = None
         self._epoch, self._res, self._step = -1, 0, 0
         self._resume: dict | None = None
+        self._prepared: _Prepared | None = None
+        self.wait_seconds = 0.0  # how long the last .epoch() call took to get its pipeline ready
+        self.built_ahead = False  # whether that pipeline came from prepare()
 
     def __len__(self) -> int:
         return self._total // self.world_size // self.batch_size
@@ -321,39 +399,121 @@ class TrainLoader:
         order = epoch_shard_order(len(self._shards), self.seed, epoch)
         return [self._shards[i] for i in order], [self._infos[i] for i in order]
 
+    # -- decode path -----------------------------------------------------------------------------------
+
+    def _note(self, message: str) -> None:
+        self.notes.append(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _resolve_decode(self, tars, idxs, res: int) -> str:
+        """The decode path for the next pipeline: for "auto" on a GPU, the fused decoder is first tried
+        in a child process, because its known failure there is a segfault."""
+        if self.decode_used is not None:
+            return self.decode_used
+        if self.device_id is None:  # the CPU decoder is not affected
+            self.decode_used = "fused"
+            return "fused"
+        from train.decode_probe import probe
+
+        ok, detail = probe(tars, idxs, device_id=self.device_id, res=res, batch_size=min(self.batch_size, 64),
+                           max_side=self.max_side, dtype=self.dtype)
+        self.decode_used = "fused" if ok else "split"
+        if not ok:
+            self._note(f"train.data: the fused GPU decoder (decoders.image_random_crop, mixed) failed a test "
+                       f"run ({detail}); using decoders.image + random_resized_crop instead (data.decode=split)")
+        return self.decode_used
+
+    def _open(self, epoch: int, res: int, checkpoint, host_sync_first: bool):
+        """(pipeline, its first outputs (None when resuming from a DALI checkpoint), tars, infos) for one
+        epoch; with decode="auto", a fused pipeline whose first batch fails is replaced by a split one."""
+        shards, infos = self._epoch_shards(epoch)
+        tars, idxs = [t for t, _ in shards], [i for _, i in shards]
+        mode = self._resolve_decode(tars, idxs, res)
+        failed = None  # why the fused first batch failed, reported once the split path works
+        while True:
+            try:
+                pipe = build_train_pipeline(
+                    tars, idxs, batch_size=self.batch_size, res=res, world_size=self.world_size, rank=self.rank,
+                    seed=epoch_seed(self.seed, epoch, self.rank), device_id=self.device_id,
+                    num_threads=self.num_threads, dtype=self.dtype, min_area=self.min_area,
+                    shuffle_buffer=self.shuffle_buffer, checkpoint=checkpoint, decode=mode, max_side=self.max_side)
+                if checkpoint is not None:  # a resumed epoch: its state must stay that of before any batch
+                    return pipe, None, tars, infos
+                first = pipe.run() if host_sync_first else _run_pipe(pipe, self.device_id)
+                if failed is not None:
+                    self.decode_used = "split"
+                    self._note(f"train.data: the first batch of the fused decoder failed ({failed}); using "
+                               "decoders.image + random_resized_crop instead (data.decode=split)")
+                return pipe, first, tars, infos
+            except RuntimeError as exc:
+                if self.decode == "auto" and mode == "fused" and checkpoint is None:
+                    detail = [line for line in str(exc).strip().splitlines() if line.strip()]
+                    failed, mode = (detail[-1].strip() if detail else repr(exc)), "split"
+                    continue
+                share = rank_range(self._total, self.world_size, self.rank)
+                mine = shards_in_range([i["images"] for i in infos], *share) or list(range(len(tars)))
+                raise _pipeline_error(exc, [tars[i] for i in mine], [infos[i] for i in mine], self._split) from exc
+
+    def prepare(self, epoch: int, res: int) -> None:
+        """Start building epoch `epoch`'s pipeline at `res` px in a background thread (e.g. during
+        validation); the next `.epoch(epoch, res)` takes it. Ignored while a loaded mid-epoch state waits."""
+        if self._resume is not None or res < 1 or self._prepared is not None:
+            return
+        self._prepared = _Prepared((epoch, res), lambda: self._open(epoch, res, None, host_sync_first=True))
+
+    def close(self) -> None:
+        """Wait for a pipeline being built ahead and drop it (before the process exits)."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            prepared.thread.join()
+
+    def _take_prepared(self, epoch: int, res: int, start: int):
+        prepared, self._prepared = self._prepared, None
+        if prepared is None:
+            return None
+        if prepared.key != (epoch, res) or start != 0:  # another epoch than planned: dropped
+            prepared.thread.join()
+            return None
+        try:
+            return prepared.take()
+        except RuntimeError:
+            return None  # built again by the caller, which reports the error with its context
+
     def epoch(self, epoch: int, res: int):
         """Iterator over the (images, labels) of `epoch` at `res` pixels, continuing a loaded state if any."""
         if res < 1:
             raise ValueError(f"res {res}: must be a positive number of pixels")
+        began = time.perf_counter()
         start, checkpoint = self._take_resume(epoch, res)
         self._epoch, self._res, self._step = epoch, res, start
         self._pipe = None  # free the previous epoch's buffers before allocating new ones
+        opened = self._take_prepared(epoch, res, start)
+        self.built_ahead = opened is not None
         if start == len(self):
+            self.wait_seconds = time.perf_counter() - began
             return iter(())
-        shards, infos = self._epoch_shards(epoch)
-        tars, idxs = [t for t, _ in shards], [i for _, i in shards]
-        try:
-            self._pipe = build_train_pipeline(
-                tars, idxs, batch_size=self.batch_size, res=res, world_size=self.world_size, rank=self.rank,
-                seed=epoch_seed(self.seed, epoch, self.rank), device_id=self.device_id,
-                num_threads=self.num_threads, dtype=self.dtype, min_area=self.min_area,
-                shuffle_buffer=self.shuffle_buffer, checkpoint=checkpoint)
-        except RuntimeError as exc:
-            raise _pipeline_error(exc, tars, infos, self._split) from exc
-        return self._batches(self._pipe, start, tars, infos)
+        if opened is None:
+            opened = self._open(epoch, res, checkpoint, host_sync_first=False)
+        self._pipe = opened[0]
+        self.wait_seconds = time.perf_counter() - began
+        return self._batches(*opened, start)
 
-    def _batches(self, pipe, start: int, tars, infos):
+    def _batches(self, pipe, first, tars, infos, start: int):
         in_flight = _InFlight(self.device_id)
         try:
             for step in range(start, len(self)):
                 if self._pipe is not pipe:
                     raise RuntimeError(f"this iterator of epoch {self._epoch} was replaced by a later .epoch() call")
-                try:
-                    images, labels = pipe.run()
-                except RuntimeError as exc:
-                    share = rank_range(self._total, self.world_size, self.rank)
-                    mine = shards_in_range([i["images"] for i in infos], *share)
-                    raise _pipeline_error(exc, [tars[i] for i in mine], [infos[i] for i in mine], self._split) from exc
+                if first is not None:
+                    (images, labels), first = first, None
+                else:
+                    try:
+                        images, labels = _run_pipe(pipe, self.device_id)
+                    except RuntimeError as exc:
+                        share = rank_range(self._total, self.world_size, self.rank)
+                        mine = shards_in_range([i["images"] for i in infos], *share)
+                        raise _pipeline_error(exc, [tars[i] for i in mine], [infos[i] for i in mine],
+                                              self._split) from exc
                 self._step = step + 1
                 batch = batch_to_torch(images, labels, self.dtype, self._classes)
                 yield (*batch, _sample_keys(images)) if self.with_keys else batch
@@ -370,23 +530,30 @@ class TrainLoader:
                 "steps": len(self), "min_area": self.min_area, "shuffle_buffer": self.shuffle_buffer}
 
     def state_dict(self) -> dict:
-        """Where this rank stands: valid between two batches; plain ints, floats and an ASCII string."""
+        """Where this rank stands: valid between two batches; plain ints, floats and ASCII strings."""
         if self._resume is not None:  # loaded but not yet continued: still the same position
             return dict(self._resume)
         mid_epoch = self._pipe is not None and 0 < self._step < len(self)
         checkpoint = base64.b64encode(self._pipe.checkpoint()).decode("ascii") if mid_epoch else ""
         return {"version": STATE_VERSION, "epoch": self._epoch, "res": self._res, "step": self._step,
-                "dali_checkpoint": checkpoint, **self._fingerprint()}
+                "dali_checkpoint": checkpoint, "decode": self.decode_used or "", **self._fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
         expected = self._fingerprint()
         changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
-        if changed and 0 < state["step"] < state["steps"]:
+        mid_epoch = 0 < state["step"] < state["steps"]
+        saved_decode = state.get("decode") or "fused"  # states from before the split path were fused
+        if mid_epoch and self.decode != "auto" and saved_decode != self.decode:
+            changed["decode"] = (saved_decode, self.decode)
+        if changed and mid_epoch:
             raise ValueError("cannot resume mid-epoch with a different loader setup (saved, now): "
                              + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        if self.decode == "auto" and state.get("decode"):
+            self.decode_used = state["decode"]  # the path this run chose (or fell back to) before
         self._resume = dict(state)
+
 
     def _take_resume(self, epoch: int, res: int) -> tuple[int, bytes | None]:
         """(first step, DALI checkpoint) for `.epoch(epoch, res)`, consuming a loaded state."""
@@ -413,7 +580,7 @@ class ValLoader:
         if not 0 < crop_ratio <= 1:
             raise ValueError(f"crop_ratio {crop_ratio}: must be in (0, 1] (crop side / resized shorter side)")
         _dali_output_type(dtype)
-        self._shards, self._infos, self._total, self._classes = _open_split(data_dir, split)
+        self._shards, self._infos, self._total, self._classes, self.max_side = _open_split(data_dir, split)
         self._split = split
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.res, self.crop_ratio, self.dtype, self.num_threads = res, crop_ratio, dtype, num_threads
@@ -435,14 +602,14 @@ class ValLoader:
                 self._pipe = build_val_pipeline(
                     tars, idxs, batch_size=self.batch_size, res=self.res, crop_ratio=self.crop_ratio,
                     world_size=self.world_size, rank=self.rank, device_id=self.device_id,
-                    num_threads=self.num_threads, dtype=self.dtype)
+                    num_threads=self.num_threads, dtype=self.dtype, max_side=self.max_side)
             except RuntimeError as exc:
                 raise _pipeline_error(exc, tars, self._infos, self._split) from exc
         return self._pipe
 
     def _run(self, pipe):
         try:
-            outputs = pipe.run()
+            outputs = _run_pipe(pipe, self.device_id)
         except RuntimeError as exc:
             mine = shards_in_range([i["images"] for i in self._infos], self._start, self._stop)
             raise _pipeline_error(exc, [self._shards[i][0] for i in mine], [self._infos[i] for i in mine],

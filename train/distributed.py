@@ -7,6 +7,7 @@ Backend: NCCL on CUDA, gloo on the CPU.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -72,6 +73,18 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if _active():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return tensor
+
+
+def wrap_ddp(model: torch.nn.Module, device_type: str, local_rank: int) -> torch.nn.Module:
+    """DDP without a buffer broadcast before every forward (BatchNorm statistics stay per rank during an
+    epoch; `broadcast_buffers_` makes them equal before validation and saving) and with gradients that are
+    views into DDP's communication buckets (no copy in and out of the buckets each step)."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    # torch >= 2.14 names the switch forward_sync_buffers (broadcast_buffers is deprecated there)
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+               else {"broadcast_buffers": False})
+    return ddp(model, device_ids=[local_rank] if device_type == "cuda" else None, gradient_as_bucket_view=True,
+               **no_sync)
 
 
 def broadcast_buffers_(module: torch.nn.Module, src: int = 0) -> None:

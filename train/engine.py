@@ -58,7 +58,9 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, opt
 class TrainMeter:
     """Running loss of an epoch on the device (read only at sync points) plus host-side counts.
 
-    `first_bad` is the first global step whose loss was not finite, -1 while all were.
+    `first_bad` is the first global step whose loss was not finite, -1 while all were. `steady_images` and
+    `steady_seconds` leave out the first step of each `train_one_epoch` call (its first batch, torch.compile
+    of a new resolution, cuDNN autotuning): they give the images/s that is logged.
     """
 
     def __init__(self, device: torch.device):
@@ -67,6 +69,8 @@ class TrainMeter:
         self.steps = 0
         self.images = 0
         self.seconds = 0.0  # training time, checkpoint writes excluded
+        self.steady_images = 0
+        self.steady_seconds = 0.0  # training time after the first step of each session
 
     def add(self, loss: torch.Tensor, global_step: int, images: int) -> None:
         self.loss_sum += loss.double()
@@ -76,12 +80,21 @@ class TrainMeter:
 
     def state_dict(self) -> dict:
         return {"loss_sum": float(self.loss_sum.item()), "first_bad": int(self.first_bad.item()),
-                "steps": self.steps, "images": self.images, "seconds": self.seconds}
+                "steps": self.steps, "images": self.images, "seconds": self.seconds,
+                "steady_images": self.steady_images, "steady_seconds": self.steady_seconds}
 
     def load_state_dict(self, state: dict) -> None:
         self.loss_sum.fill_(state["loss_sum"])
         self.first_bad.fill_(state["first_bad"])
         self.steps, self.images, self.seconds = int(state["steps"]), int(state["images"]), float(state["seconds"])
+        self.steady_images = int(state.get("steady_images", 0))
+        self.steady_seconds = float(state.get("steady_seconds", 0.0))
+
+    def images_per_second(self) -> float:
+        """Steady-state rate; the plain average when no step after the first was timed."""
+        if self.steady_images and self.steady_seconds > 0:
+            return self.steady_images / self.steady_seconds
+        return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, *,
@@ -104,13 +117,19 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         if ema is not None:
             ema.update()
         meter.add(loss, global_step, images.shape[0])
+        if k == 0 and device.type == "cuda":
+            torch.cuda.synchronize(device)  # once per epoch: the warm-up step's time stays out of the steady rate
+        now = time.perf_counter()
+        meter.seconds += now - start
+        if k > 0:
+            meter.steady_seconds += now - start
+            meter.steady_images += images.shape[0]
         if after_step is not None:
-            meter.seconds += time.perf_counter() - start
             stop = after_step(k + 1)
-            start = time.perf_counter()  # checkpoint writes in after_step are not training time
+            now = time.perf_counter()  # checkpoint writes in after_step are not training time
             if stop:
                 return True
-    meter.seconds += time.perf_counter() - start
+        start = now
     return False
 
 

@@ -126,6 +126,8 @@ class Training:
                 print(f"train.main: error: {exc}", file=sys.stderr)
             return EXIT_DIVERGED
         finally:
+            if getattr(self, "train_loader", None) is not None:
+                self.train_loader.close()  # a pipeline built ahead for an epoch that will not run
             distributed.shutdown()
 
     # -- set-up ----------------------------------------------------------------------------------------
@@ -150,7 +152,8 @@ class Training:
 
         try:
             self.train_loader = data.TrainLoader(self.data_dir, cfg.data.batch_size, seed=cfg.run.seed,
-                                                 min_area=cfg.data.min_area, **loader_device)
+                                                 min_area=cfg.data.min_area, decode=cfg.data.decode,
+                                                 **loader_device)
             self.val_loader = data.ValLoader(self.data_dir, cfg.val.batch_size, res=cfg.val.res,
                                              crop_ratio=cfg.val.crop_ratio, **loader_device)
         except ValueError as exc:  # e.g. a batch larger than a rank's share of the images
@@ -163,8 +166,7 @@ class Training:
         self.resume()
         self.train_model = self.model
         if dist.world_size > 1:
-            self.train_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[dist.local_rank] if self.device_type == "cuda" else None)
+            self.train_model = distributed.wrap_ddp(self.model, self.device_type, dist.local_rank)
         if cfg.model.compile:
             # One static graph per resolution (160, 192): a dynamic-shape graph would serve them all, slower.
             self.train_model = torch.compile(self.train_model, dynamic=False)
@@ -229,19 +231,25 @@ class Training:
             if self.stop_requested():
                 return self.stop()
             self.epoch = epoch
-            res = schedule.res_at(epoch, epochs=cfg.epochs, res_min=cfg.res_min, res_max=cfg.res_max,
-                                  ramp_start=cfg.res_ramp_start, ramp_end=cfg.res_ramp_end,
-                                  multiple=cfg.res_multiple)
+            res = self.res_at(epoch)
             if self.train_epoch(epoch, res):
                 return self.stop()
             self.finish_epoch(epoch, res)
         return self.finish()
+
+    def res_at(self, epoch: int) -> int:
+        s = self.cfg.schedule
+        return schedule.res_at(epoch, epochs=s.epochs, res_min=s.res_min, res_max=s.res_max,
+                               ramp_start=s.res_ramp_start, ramp_end=s.res_ramp_end, multiple=s.res_multiple)
 
     def train_epoch(self, epoch: int, res: int) -> bool:
         """One epoch (or its remainder after a resume); True if a stop signal ended it early."""
         self.say(f"epoch {epoch + 1}/{self.cfg.schedule.epochs}: res {res} px, {self.steps_per_epoch} steps of "
                  f"{self.global_batch} images" + (f", resuming at step {self.step}" if self.step else ""))
         batches = self.train_loader.epoch(epoch, res)
+        self.pipeline_wait = self.train_loader.wait_seconds  # ~0 when it was built during validation
+        self.say(f"epoch {epoch + 1}: input pipeline ready in {self.pipeline_wait:.2f} s"
+                 + (", built during the previous validation" if self.train_loader.built_ahead else ""))
         self.bar = None
         if self.dist.is_main:
             from tqdm import tqdm
@@ -320,19 +328,27 @@ class Training:
             f"run ETA {format_seconds(remaining / rate) if rate else '?'}", refresh=False)
 
     def finish_epoch(self, epoch: int, res: int) -> None:
-        totals = torch.tensor([self.meter.loss_sum.item(), self.meter.steps, self.meter.images],
-                              dtype=torch.float64, device=self.device)
-        loss_sum, steps, images = distributed.all_reduce_(totals).tolist()
+        totals = torch.tensor([self.meter.loss_sum.item(), self.meter.steps, self.meter.images,
+                               self.meter.steady_images], dtype=torch.float64, device=self.device)
+        loss_sum, steps, images, steady_images = distributed.all_reduce_(totals).tolist()
         train_seconds = self.meter.seconds
+        # images/s of all ranks over this rank's time, first step of each session (compile, warm-up) left out
+        if steady_images and self.meter.steady_seconds > 0:
+            rate = steady_images / self.meter.steady_seconds
+        else:
+            rate = images / max(train_seconds, 1e-9)
         record = {"epoch": epoch + 1, "step": self.global_step, "train_loss": loss_sum / max(steps, 1)}
         last = epoch + 1 == self.cfg.schedule.epochs
+        if not last:  # build the next epoch's pipeline while validation runs
+            self.train_loader.prepare(epoch + 1, self.res_at(epoch + 1))
         if last or (epoch + 1) % self.cfg.val.every_epochs == 0:
             start = time.perf_counter()
             record.update(self.validate())
             record["eval_seconds"] = round(time.perf_counter() - start, 3)
         record.update({"lr": self.optimizer.param_groups[0]["lr"], "resolution": res,
-                       "images_per_s": round(images / max(train_seconds, 1e-9), 1),
-                       "seconds": round(train_seconds, 3)})
+                       "images_per_s": round(rate, 1), "seconds": round(train_seconds, 3),
+                       "pipeline_wait_s": round(getattr(self, "pipeline_wait", 0.0), 3),
+                       "decode": self.train_loader.decode_used or self.cfg.data.decode})
         self.history.append(record)
         improved = record.get("top1", -1.0) > self.best_top1
         if improved:
