@@ -1,0 +1,286 @@
+"""`python -m benchmarks.proxy`: does the recipe learn real photos? ResNet-50 from scratch on Imagenette.
+
+    python -m benchmarks.proxy --src ../shared/data/imagenette-144 --device cuda            # 5 and 20 epochs, 128 px
+    python -m benchmarks.proxy --shards SHARDS --device cpu                                  # the 2-core protocol
+    python -m benchmarks.proxy --src DIR --device cpu --ablate blurpool,label_smoothing,ema,progressive
+
+Stages, each as a user would run it: `preprocess.shard` turns the ImageFolder into WebDataset shards (skipped
+with --shards), then one `python -m train.main --config imagenette` run per epoch count (and per ablation),
+then `python -m viz.plots` draws each run's curves. The table (top-1, top-5, wall time, training images/s)
+sits beside the fastai Imagenette leaderboard at 128 px and is appended to docs/BENCHMARKS.md, with the
+per-epoch top-1 curve of every run in the notes; OUT/proxy.json keeps the same results for scripts.
+
+Protocols (each a default, any flag or `--section.key=value` override wins):
+  cuda  5 and 20 epochs, resolution ramp 96 -> 128 px, every image of train, validation each epoch: the
+        leaderboard's setting (85.77 % at 5 epochs, 91.57 % at 20; their images are not squashed, ours are).
+  cpu   4 epochs, ramp 48 -> 64 px, every image of train, validation at epochs 2 and 4: about 25 minutes
+        on 2 CPU cores. It checks that the recipe learns real photos (chance is 10 %), not the leaderboard.
+Ablations: blurpool, label_smoothing and progressive each train one more run with that element switched
+off; ema costs no run, because every EMA run also validates its raw weights (top1_raw in metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PRESET = "imagenette"
+RES_MULTIPLE = 16  # pixels; the preset's schedule.res_multiple
+# fastai Imagenette leaderboard, 128 px, xresnet50 variants (top-1 %, by epochs), on un-squashed images.
+LEADERBOARD_128 = {5: 85.77, 20: 91.57, 80: 93.55}
+ABLATIONS = ("blurpool", "label_smoothing", "ema", "progressive")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    epochs: tuple[int, ...]
+    res: int  # final training and validation resolution, pixels
+    overrides: tuple[str, ...]  # train.main overrides this protocol adds to the preset
+
+
+PROTOCOLS = {
+    "cuda": Protocol(epochs=(5, 20), res=128, overrides=()),
+    # Validating 3,925 images twice (EMA and raw weights) with flip-TTA costs about half an epoch on 2 cores.
+    "cpu": Protocol(epochs=(4,), res=64, overrides=("--val.every_epochs=2",)),
+}
+
+
+class ProxyError(ValueError):
+    """A command line or input the benchmark cannot use; the message is one line for the user."""
+
+
+def res_min_for(res: int, multiple: int = RES_MULTIPLE) -> int:
+    """Start of the resolution ramp: 3/4 of the final resolution, on the preset's grid (128 -> 96, 64 -> 48)."""
+    return max(multiple, round(0.75 * res / multiple) * multiple)
+
+
+def ablation_overrides(name: str, res: int) -> list[str]:
+    """train.main overrides that switch one recipe element off (`ema` needs no run of its own)."""
+    if name == "blurpool":
+        return ["--model.blurpool=false"]
+    if name == "label_smoothing":
+        return ["--optim.label_smoothing=0"]
+    if name == "progressive":
+        return [f"--schedule.res_min={res}"]  # the final resolution from the first epoch
+    if name == "ema":
+        return []
+    raise ProxyError(f"--ablate {name}: choose from {', '.join(ABLATIONS)}")
+
+
+def train_argv(shards: Path, run_dir: Path, *, epochs: int, res: int, device: str, threads: int,
+               extra: list[str]) -> list[str]:
+    """The train.main command line of one run; `extra` (protocol, ablation, user overrides) comes last and wins."""
+    return ["--data", str(shards), "--out", str(run_dir), "--config", PRESET, f"--schedule.epochs={epochs}",
+            f"--schedule.res_min={res_min_for(res)}", f"--schedule.res_max={res}", f"--val.res={res}",
+            f"--run.device={device}", f"--data.num_threads={threads}", *extra]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """One record per epoch from RUN_DIR/metrics.jsonl (a resumed run may repeat an epoch: the last wins)."""
+    by_epoch = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_epoch[record["epoch"]] = record
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def summarize(metrics: list[dict], *, name: str, res: int, wall_seconds: float, resumed: bool,
+              raw_weights: bool = False) -> dict:
+    """One table row from a finished run's metrics; `raw_weights` reads the EMA run's raw-weight top-1."""
+    evaluated = [m for m in metrics if "top1" in m]
+    if not evaluated:
+        raise ProxyError(f"run {name}: no validated epoch in metrics.jsonl")
+    last = evaluated[-1]
+    key = "top1_raw" if raw_weights else "top1"
+    if key not in last:
+        raise ProxyError(f"run {name}: metrics.jsonl has no {key} (is ema.enabled on?)")
+    epochs = metrics[-1]["epoch"]
+    train_seconds = sum(m["seconds"] for m in metrics)
+    images = sum(m["images_per_s"] * m["seconds"] for m in metrics)
+    board = LEADERBOARD_128.get(epochs) if res == 128 else None
+    return {
+        "run": name, "epochs": epochs, "train px": f"{metrics[0]['resolution']}->{metrics[-1]['resolution']}",
+        "val px": res, "top-1 %": round(100 * last[key], 2),
+        "top-5 %": "" if raw_weights else round(100 * last["top5"], 2),
+        "fastai 128 px top-1 %": board if board is not None else "-",
+        "wall s": _wall(wall_seconds, resumed, raw_weights),
+        "train images/s": round(images / max(train_seconds, 1e-9), 1),
+    }
+
+
+def _wall(seconds: float, resumed: bool, raw_weights: bool):
+    if raw_weights:
+        return "same run"
+    return f"{seconds:.1f} (resumed)" if resumed else round(seconds, 1)
+
+
+def curve(metrics: list[dict], key: str = "top1") -> str:
+    """`epoch:top-1%` for every validated epoch, e.g. "2:41.3 4:58.9"."""
+    return " ".join(f"{m['epoch']}:{100 * m[key]:.1f}" for m in metrics if key in m)
+
+
+def describe_shards(shards: Path) -> str:
+    """`N train / M val images, K classes (shards: PATH)` from the shards' manifest.json."""
+    manifest = json.loads((Path(shards) / "manifest.json").read_text())
+    counts = " / ".join(f"{info['images']:,} {split}" for split, info in manifest["splits"].items())
+    return f"{counts} images, {manifest['num_classes']} classes (shards: {shards}, source {manifest['source']['path']})"
+
+
+def run_command(args: list[str]) -> tuple[int, float]:
+    start = time.perf_counter()
+    code = subprocess.run([sys.executable, *args], env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode
+    return code, time.perf_counter() - start
+
+
+def make_shards(src: Path, out: Path, workers: int) -> tuple[Path, float]:
+    from preprocess import shard
+    from preprocess.sources import SourceError
+
+    start = time.perf_counter()
+    try:
+        shard.run(str(src), out, fmt="imagefolder", workers=workers)
+    except SourceError as exc:
+        raise ProxyError(str(exc)) from exc
+    return out, time.perf_counter() - start
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.proxy", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]) +
+                                "\nAny --section.key=value argument is passed on to every train.main run.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--src", type=Path, help="ImageFolder root (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG) to shard")
+    source.add_argument("--shards", type=Path, help="existing shards of it (python -m preprocess.shard output)")
+    p.add_argument("--device", choices=sorted(PROTOCOLS), default=None,
+                   help="cuda (the leaderboard protocol) or cpu (the 2-core protocol); default: cuda if available")
+    p.add_argument("--epochs", type=int, nargs="+", default=None, help="one run per epoch count (cuda: 5 20, cpu: 4)")
+    p.add_argument("--res", type=int, default=None, help=f"final training and validation resolution, pixels, "
+                   f"a multiple of {RES_MULTIPLE} (cuda: 128, cpu: 64)")
+    p.add_argument("--ablate", default="", help=f"comma-separated recipe elements to switch off, one run each: "
+                   f"{','.join(ABLATIONS)}")
+    p.add_argument("--out", type=Path, default=None, help="work folder: shards/, runs/, proxy.json (default runs/proxy-DEVICE)")
+    p.add_argument("--threads", type=int, default=None, help="DALI threads (default: the preset's 8 on cuda, all cores on cpu)")
+    p.add_argument("--report", type=Path, default=None, help="markdown file to append to (default docs/BENCHMARKS.md)")
+    p.add_argument("--no-report", action="store_true", help="print only")
+    args, overrides = p.parse_known_args(argv)
+    bad = [o for o in overrides if not (o.startswith("--") and "." in o.split("=", 1)[0] and "=" in o)]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)} (train.main overrides look like --optim.lr_per_256=0.4)")
+    return args, overrides
+
+
+def resolve_device(requested: str | None) -> str:
+    if requested:
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    try:
+        return run_proxy(args, overrides, argv)
+    except ProxyError as exc:
+        print(f"benchmarks.proxy: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_proxy(args: argparse.Namespace, overrides: list[str], argv: list[str] | None) -> int:
+    device = resolve_device(args.device)
+    protocol = PROTOCOLS[device]
+    epochs_list = args.epochs or list(protocol.epochs)
+    res = args.res or protocol.res
+    if res % RES_MULTIPLE or res < RES_MULTIPLE:
+        raise ProxyError(f"--res {res}: must be a positive multiple of {RES_MULTIPLE} pixels")
+    if any(e < 1 for e in epochs_list):
+        raise ProxyError(f"--epochs {' '.join(map(str, epochs_list))}: every count must be at least 1")
+    ablations = [a.strip() for a in args.ablate.split(",") if a.strip()]
+    for name in ablations:
+        ablation_overrides(name, res)  # rejects unknown names before any work
+    threads = args.threads or (8 if device == "cuda" else os.cpu_count() or 1)
+    out = args.out or Path("runs") / f"proxy-{device}"
+    out.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]
+
+    stages = []
+    if args.src is not None:
+        shards, seconds = make_shards(args.src, out / "shards", workers=os.cpu_count() or 1)
+        stages.append(f"sharding {seconds:.1f} s")
+    else:
+        shards = args.shards
+        if not (shards / "manifest.json").is_file():
+            raise ProxyError(f"--shards {shards}: no manifest.json; make them with python -m preprocess.shard")
+
+    rows, curves, results = [], [], []
+    for epochs in epochs_list:
+        variants = [("recipe", [])] + [(f"no {a}", ablation_overrides(a, res)) for a in ablations if a != "ema"]
+        for label, ablation in variants:
+            name = f"e{epochs}" + ("" if label == "recipe" else "-" + label.removeprefix("no ").replace("_", "-") + "-off")
+            run_dir = out / "runs" / name
+            resumed = (run_dir / "checkpoints" / "last.pt").is_file()
+            argv_run = train_argv(shards, run_dir, epochs=epochs, res=res, device=device, threads=threads,
+                                  extra=[*protocol.overrides, *ablation, *overrides])
+            print(f"benchmarks.proxy: {label}, {epochs} epochs: python -m train.main {shlex.join(argv_run)}", flush=True)
+            code, wall = run_command(["-m", "train.main", *argv_run])
+            if code != 0:
+                print(f"benchmarks.proxy: error: train.main exited with {code} for {run_dir}; re-run the same "
+                      f"command to resume it", file=sys.stderr)
+                return code
+            run_command(["-m", "viz.plots", str(run_dir), "--output", str(out / f"curves-{name}.png")])
+            metrics = read_metrics(run_dir)
+            rows.append(summarize(metrics, name=f"{name} ({label})", res=res, wall_seconds=wall, resumed=resumed))
+            curves.append(f"{name}: {curve(metrics)}")
+            results.append({"run": name, "variant": label, "epochs": epochs, "res": res, "wall_seconds": wall,
+                            "resumed": resumed, "metrics": metrics})
+            if label == "recipe" and "ema" in ablations:
+                rows.append(summarize(metrics, name=f"{name} (no ema: raw weights)", res=res, wall_seconds=wall,
+                                      resumed=resumed, raw_weights=True))
+                curves.append(f"{name} raw weights: {curve(metrics, 'top1_raw')}")
+
+    load_after = os.getloadavg()[0]
+    (out / "proxy.json").write_text(json.dumps({"device": device, "shards": str(Path(shards).resolve()),
+                                                "results": results}, indent=1))
+    _print_table(rows)
+    notes = (f"Data: {describe_shards(shards)}; preset {PRESET}; device {device}"
+             f"{'; ' + '; '.join(stages) if stages else ''}. Per-epoch top-1 % ({'; '.join(curves)}). "
+             f"fastai leaderboard (xresnet50, 128 px, un-squashed images): "
+             f"{', '.join(f'{v}% at {k} epochs' for k, v in LEADERBOARD_128.items())}. "
+             f"1-min load average {load_before:.2f} at start, {load_after:.2f} at end.")
+    print(notes)
+    if not args.no_report:
+        from benchmarks.report import append_result
+
+        command = "python -m benchmarks.proxy " + shlex.join(argv if argv is not None else sys.argv[1:])
+        append_result("Real photos (Imagenette proxy)", rows, command=command, device=_device_name(device),
+                      notes=notes, path=args.report)
+    return 0
+
+
+def _device_name(device: str) -> str:
+    from benchmarks.report import cpu_description
+
+    if device == "cuda":
+        import torch
+
+        return f"{torch.cuda.get_device_name(0)} (1 GPU), host {cpu_description()}"
+    return cpu_description()
+
+
+def _print_table(rows: list[dict]) -> None:
+    from benchmarks.report import markdown_table
+
+    print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
