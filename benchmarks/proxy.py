@@ -279,8 +279,9 @@ def run_proxy(args: argparse.Namespace, overrides: list[str], argv: list[str] | 
             print(f"benchmarks.proxy: {label}, {epochs} epochs: python -m train.main {shlex.join(argv_run)}", flush=True)
             code, wall = run_command(["-m", "train.main", *argv_run])
             if code != 0:
-                print(f"benchmarks.proxy: error: train.main exited with {code} for {run_dir}; re-run the same "
-                      f"command to resume it", file=sys.stderr)
+                hint = ("it rejected the command line or data (its error is above)" if code == 2 else
+                        "re-run the same command to resume it")
+                print(f"benchmarks.proxy: error: train.main exited with {code} for {run_dir}; {hint}", file=sys.stderr)
                 return code
             run_command(["-m", "viz.plots", str(run_dir), "--output", str(out / f"curves-{name}.png")])
             metrics = read_metrics(run_dir)

@@ -87,7 +87,8 @@ def test_proxy_turns_a_folder_into_shards_a_run_and_report_rows(tmp_path, capsys
     out, report = tmp_path / "proxy", tmp_path / "BENCH.md"
     code = proxy.main(["--src", str(src), "--out", str(out), "--device", "cpu", "--epochs", "1", "--res", "32",
                        "--ablate", "ema", "--train-per-class", "4", "--report", str(report), "--model.arch=resnet18", "--data.batch_size=4",
-                       "--val.batch_size=4", "--val.flip_tta=false", "--run.tensorboard=false"])
+                       "--val.batch_size=4", "--val.flip_tta=false", "--run.tensorboard=false",
+                       "--schedule.warmup_epochs=0.5"])
     assert code == 0
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
     assert [c["wnid"] for c in manifest["classes"]] == list(WNIDS)
