@@ -54,7 +54,7 @@ class BytesDecoder:
             jpegs = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             # The operators and arguments of train.data.build_val_pipeline, in its order.
             images = fn.decoders.image(jpegs, output_type=types.RGB,
-                                       **data._decoder_args(self.device_id, preallocate=False))
+                                       **data._decoder_args(self.device_id))  # any image size: DALI sizes its buffers
             images = fn.resize(images, resize_shorter=self.res / self.crop_ratio)
             images = data._normalize(fn, images, data._dali_output_type(self.dtype), crop=(self.res, self.res))
             pipe.set_outputs(images)
