@@ -54,3 +54,15 @@ def folder_shards_dir(tmp_path_factory) -> Path:
 
     return toy_shards(tmp_path_factory.mktemp("folder") / "shards", classes=NUM_CLASSES, per_class=TRAIN_PER_CLASS,
                       val_per_class=VAL_PER_CLASS, size=IMAGE_SIZE, images_per_shard=IMAGES_PER_SHARD)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: on a shared 2-core machine, two threads that contend with other jobs
+    run ~5x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,13 +16,7 @@ from torch import nn
 from viz import evaluate as evaluation, gradcam, loader, render
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core machine, two threads that contend with other jobs run ~5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ----------------------------------------------------------------------------- Grad-CAM finds the evidence
 

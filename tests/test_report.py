@@ -36,12 +36,7 @@ SETTINGS = dict(num_classes=None, weights="auto", blurpool="auto", flip_tta="aut
                 precision="auto", batch_size=None, res=None, crop_ratio=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
