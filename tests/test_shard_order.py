@@ -162,7 +162,7 @@ def test_train_main_refuses_class_sorted_shards(sorted_src, tmp_path, monkeypatc
     assert class_sorted_problem(data, load_manifest(data)) == problem
 
     proc = subprocess.run(train_cmd(data, tmp_path / "run", "--schedule.epochs=1"), cwd=ROOT, capture_output=True,
-                          text=True, timeout=240)
+                          text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "class-sorted" in lines[0] and "--data.allow_unshuffled=true" in lines[0], proc.stderr

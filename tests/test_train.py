@@ -25,7 +25,7 @@ def train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "train.main", "--data", str(data), "--out", str(out), *TINY, *extra]
 
 
-def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     return proc

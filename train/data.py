@@ -81,7 +81,7 @@ def dali_available() -> bool:
     return True
 
 
-def _dali():
+def dali_modules():
     """(Pipeline, fn, types) of NVIDIA DALI, or a clear ImportError saying how to get it or what to use instead."""
     try:
         from nvidia.dali import Pipeline, fn, types
@@ -145,7 +145,7 @@ def shards_in_range(sizes: list[int], start: int, stop: int) -> list[int]:
 
 def _dali_output_type(dtype: torch.dtype):
     """DALI's output type for a requested torch dtype; bf16 is not a DALI type, it is cast from fp16."""
-    _, _, types = _dali()
+    _, _, types = dali_modules()
     table = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT16}
     if dtype not in table:
         raise ValueError(f"dtype {dtype}: expected torch.float32, torch.float16 or torch.bfloat16")
@@ -174,6 +174,18 @@ def _normalize(fn, images, dtype, **kwargs):
                                     mean=[255 * m for m in MEAN], std=[255 * s for s in STD], **kwargs)
 
 
+def val_transform(jpegs, *, res: int, crop_ratio: float, device_id: int | None, dtype: torch.dtype,
+                  max_side: int | None = None):
+    """The validation graph, encoded bytes -> normalised HWC res x res centre crops: decode, resize the shorter
+    side to res / crop_ratio, crop the centre. Call it inside a DALI pipeline's `with` block. The trainer's
+    validation and viz's folder decoder both build their graphs with it, so they see the same pixels.
+    max_side: the largest image side, to size nvJPEG's buffers on a GPU (None: DALI sizes them itself)."""
+    _, fn, types = dali_modules()
+    images = fn.decoders.image(jpegs, output_type=types.RGB, **_decoder_args(device_id, max_side))
+    images = fn.resize(images, resize_shorter=res / crop_ratio)
+    return _normalize(fn, images, _dali_output_type(dtype), crop=(res, res))
+
+
 def build_train_pipeline(tars, idxs, *, batch_size: int, res: int, world_size: int = 1, rank: int = 0,
                          seed: int = 0, device_id: int | None = None, num_threads: int = 2,
                          dtype: torch.dtype = torch.float32, min_area: float = 0.08,
@@ -185,7 +197,7 @@ def build_train_pipeline(tars, idxs, *, batch_size: int, res: int, world_size: i
     random_resized_crop on the decoder's device: the fallback when the fused mixed decoder fails)."""
     if decode not in ("fused", "split"):
         raise ValueError(f"decode {decode!r}: expected 'fused' or 'split'")
-    Pipeline, fn, types = _dali()
+    Pipeline, fn, types = dali_modules()
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                     enable_checkpointing=True, checkpoint=checkpoint, exec_dynamic=True)
     crop = {"random_area": [min_area, 1.0], "random_aspect_ratio": list(ASPECT_RANGE), "num_attempts": 10}
@@ -209,14 +221,13 @@ def build_val_pipeline(tars, idxs, *, batch_size: int, res: int, crop_ratio: flo
                        world_size: int = 1, rank: int = 0, device_id: int | None = None, num_threads: int = 2,
                        dtype: torch.dtype = torch.float32, max_side: int | None = None):
     """A built validation pipeline; each pass is ceil(ceil(N / W) / B) batches, padded with the last sample."""
-    Pipeline, fn, types = _dali()
+    Pipeline, fn, types = dali_modules()
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0, exec_dynamic=True)
     with pipe:
         jpegs, labels = _read_webdataset(fn, types, tars, idxs, world_size=world_size, rank=rank,
                                          pad_last_batch=True)
-        images = fn.decoders.image(jpegs, output_type=types.RGB, **_decoder_args(device_id, max_side))
-        images = fn.resize(images, resize_shorter=res / crop_ratio)
-        images = _normalize(fn, images, _dali_output_type(dtype), crop=(res, res))
+        images = val_transform(jpegs, res=res, crop_ratio=crop_ratio, device_id=device_id, dtype=dtype,
+                               max_side=max_side)
         pipe.set_outputs(images, labels)
     pipe.build()
     return pipe

@@ -29,12 +29,6 @@ class Batch:
     skipped: list[str]  # keys of unreadable images met since the previous batch
 
 
-def _dali_parts():
-    from train import data
-
-    return data
-
-
 class BytesDecoder:
     """encoded images -> the trainer's validation tensors, one DALI pipeline reused batch after batch."""
 
@@ -46,17 +40,16 @@ class BytesDecoder:
         self._pipe = None
 
     def _build(self):
-        data = _dali_parts()
-        Pipeline, fn, types = data._dali()
+        from train.data import dali_modules, val_transform
+
+        Pipeline, fn, types = dali_modules()
         pipe = Pipeline(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id, seed=0,
                         exec_dynamic=True, prefetch_queue_depth=1)
         with pipe:
             jpegs = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-            # The operators and arguments of train.data.build_val_pipeline, in its order.
-            images = fn.decoders.image(jpegs, output_type=types.RGB,
-                                       **data._decoder_args(self.device_id))  # any image size: DALI sizes its buffers
-            images = fn.resize(images, resize_shorter=self.res / self.crop_ratio)
-            images = data._normalize(fn, images, data._dali_output_type(self.dtype), crop=(self.res, self.res))
+            # any image size: without max_side, DALI sizes nvJPEG's buffers itself
+            images = val_transform(jpegs, res=self.res, crop_ratio=self.crop_ratio, device_id=self.device_id,
+                                   dtype=self.dtype)
             pipe.set_outputs(images)
         pipe.build()
         return pipe
