@@ -255,6 +255,9 @@ def run_proxy(args: argparse.Namespace, overrides: list[str], argv: list[str] | 
     out = args.out or Path("runs") / f"proxy-{device}"
     out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
+    from benchmarks.report import git_commit
+
+    commit = git_commit()  # the code that runs: a commit made while the runs train must not be credited
 
     stages = []
     if args.src is not None:
@@ -309,7 +312,7 @@ def run_proxy(args: argparse.Namespace, overrides: list[str], argv: list[str] | 
 
         command = "python -m benchmarks.proxy " + shlex.join(argv if argv is not None else sys.argv[1:])
         append_result("Real photos (Imagenette proxy)", rows, command=command, device=_device_name(device),
-                      notes=notes, path=args.report)
+                      notes=notes, path=args.report, commit=commit)
     return 0
 
 

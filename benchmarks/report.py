@@ -75,15 +75,17 @@ def insert_entry(text: str, section: str, entry: str) -> str:
 
 
 def append_result(section: str, rows: list[dict], command: str, device: str, notes: str = "", *,
-                  path: str | Path | None = None) -> Path:
-    """Append one entry to the benchmarks file (`path`, else $BENCHMARKS_FILE, else docs/BENCHMARKS.md)."""
+                  path: str | Path | None = None, commit: str | None = None) -> Path:
+    """Append one entry to the benchmarks file (`path`, else $BENCHMARKS_FILE, else docs/BENCHMARKS.md).
+    commit: the code that ran, for a benchmark long enough to outlive a commit (taken at its start);
+    default: git_commit() now."""
     if not rows:
         raise ValueError("append_result: no rows to write")
     target = Path(path or os.environ.get(ENV_PATH) or DEFAULT_PATH)
     target.parent.mkdir(parents=True, exist_ok=True)
     text = target.read_text() if target.exists() else HEADER
     tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(insert_entry(text, section, format_entry(rows, command, device, notes)))
+    tmp.write_text(insert_entry(text, section, format_entry(rows, command, device, notes, commit=commit)))
     os.replace(tmp, target)
     return target
 

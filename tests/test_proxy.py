@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 
 from benchmarks import proxy
+from benchmarks.report import COMMIT_ENV as REPORT_COMMIT_ENV
 from train import config, main as train_main
 
 WNIDS = ("n01440764", "n02102040", "n02979186")
@@ -82,9 +84,20 @@ def test_summary_rows_pair_with_the_leaderboard_and_weight_throughput_by_time():
     assert proxy.curve(metrics) == "1:50.0 5:80.0"
 
 
-def test_proxy_turns_a_folder_into_shards_a_run_and_report_rows(tmp_path, capsys):
+def test_proxy_turns_a_folder_into_shards_a_run_and_report_rows(tmp_path, capsys, monkeypatch):
     src = write_image_folder(tmp_path / "folder")
     out, report = tmp_path / "proxy", tmp_path / "BENCH.md"
+    # A commit made while the runs train must not be credited with their figures: the report names the
+    # commit the benchmark started from.
+    monkeypatch.setenv(REPORT_COMMIT_ENV, "start11")
+    run_command = proxy.run_command
+
+    def commit_meanwhile(*args, **kwargs):
+        result = run_command(*args, **kwargs)
+        os.environ[REPORT_COMMIT_ENV] = "later22"
+        return result
+
+    monkeypatch.setattr(proxy, "run_command", commit_meanwhile)
     code = proxy.main(["--src", str(src), "--out", str(out), "--device", "cpu", "--epochs", "1", "--res", "32",
                        "--ablate", "ema", "--train-per-class", "4", "--report", str(report), "--model.arch=resnet18", "--data.batch_size=4",
                        "--val.batch_size=4", "--val.flip_tta=false", "--run.tensorboard=false",
@@ -107,6 +120,7 @@ def test_proxy_turns_a_folder_into_shards_a_run_and_report_rows(tmp_path, capsys
 
     text = report.read_text()
     assert "## Real photos (Imagenette proxy)" in text and "python -m benchmarks.proxy --src" in text
+    assert "commit `start11`" in text and "later22" not in text
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
             if line.startswith("| e1")]
     assert [r[0] for r in rows] == ["e1 (recipe)", "e1 (no ema: raw weights)"]
