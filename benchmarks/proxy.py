@@ -2,7 +2,7 @@
 
     python -m benchmarks.proxy --src ../shared/data/imagenette-144 --device cuda            # 5 and 20 epochs, 128 px
     python -m benchmarks.proxy --shards SHARDS --device cpu                                  # the 2-core protocol
-    python -m benchmarks.proxy --src DIR --device cpu --ablate blurpool,label_smoothing,ema,progressive
+    python -m benchmarks.proxy --src DIR --device cpu --ablate blurpool,label_smoothing,ema,progressive --seeds 0 1 2
 
 Stages, each as a user would run it: `preprocess.shard` turns the ImageFolder into WebDataset shards (skipped
 with --shards), then one `python -m train.main --config imagenette` run per epoch count (and per ablation),
@@ -18,6 +18,12 @@ Protocols (each a default, any flag or `--section.key=value` override wins):
         shared CPU cores. It checks that the recipe learns real photos (chance is 10 %), not the leaderboard.
 Ablations: blurpool, label_smoothing and progressive each train one more run with that element switched
 off; ema costs no run, because every EMA run also validates its raw weights (top1_raw in metrics.jsonl).
+Seeds: `--seeds 0 1 2` trains every run once per seed (`--run.seed`: weight init, data order, augmentation)
+and adds a table of each variant's mean, range and difference from the recipe: on short protocols two seeds
+of the same recipe can differ by several points, so an ablation means something only beyond that spread.
+Runs named for seed 0 keep their old names (e3, e3-blurpool-off); other seeds add -seedN.
+A run whose folder already holds its model_final.pth and every epoch's metrics is reported, not trained
+again, so adding a seed or an ablation to an earlier command trains only the new runs.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import hashlib
+import itertools
 import os
 import shlex
 import shutil
@@ -98,7 +105,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def summarize(metrics: list[dict], *, name: str, res: int, wall_seconds: float, resumed: bool,
+def summarize(metrics: list[dict], *, name: str, res: int, wall_seconds: float, resumed: bool | str,
               raw_weights: bool = False) -> dict:
     """One table row from a finished run's metrics; `raw_weights` reads the EMA run's raw-weight top-1."""
     evaluated = [m for m in metrics if "top1" in m]
@@ -122,9 +129,12 @@ def summarize(metrics: list[dict], *, name: str, res: int, wall_seconds: float, 
     }
 
 
-def _wall(seconds: float, resumed: bool, raw_weights: bool):
+def _wall(seconds: float, resumed: bool | str, raw_weights: bool):
+    """resumed: True (continued from last.pt), "earlier" (finished before this command: epochs' seconds only)."""
     if raw_weights:
         return "same run"
+    if resumed == "earlier":
+        return f"{seconds:.1f} (earlier run, epochs only)"
     return f"{seconds:.1f} (resumed)" if resumed else round(seconds, 1)
 
 
@@ -138,6 +148,46 @@ def describe_shards(shards: Path) -> str:
     manifest = json.loads((Path(shards) / "manifest.json").read_text())
     counts = " / ".join(f"{info['images']:,} {split}" for split, info in manifest["splits"].items())
     return f"{counts} images, {manifest['num_classes']} classes (shards: {shards}, source {manifest['source']['path']})"
+
+
+def run_name(epochs: int, label: str, seed: int) -> str:
+    """e3, e3-blurpool-off, e3-seed1, e3-label-smoothing-off-seed2 (seed 0 keeps the unsuffixed name)."""
+    name = f"e{epochs}" + ("" if label == "recipe" else "-" + label.removeprefix("no ").replace("_", "-") + "-off")
+    return name + (f"-seed{seed}" if seed else "")
+
+
+def finished(run_dir: Path, epochs: int) -> bool:
+    """The run ended: model_final.pth written and metrics.jsonl reaching its last epoch."""
+    if not (run_dir / "model_final.pth").is_file() or not (run_dir / "metrics.jsonl").is_file():
+        return False
+    metrics = read_metrics(run_dir)
+    return bool(metrics) and metrics[-1]["epoch"] == epochs
+
+
+def seed_summary(results: list[dict]) -> list[dict]:
+    """Per epoch count and variant: top-1 over the seeds (mean, min-max, each seed) and the mean's
+    difference from the recipe's; the raw-weights variant reads top1_raw of the recipe runs."""
+    import statistics
+
+    by_variant: dict[tuple[int, str], dict[int, float]] = {}
+    for r in results:
+        last = [m for m in r["metrics"] if "top1" in m][-1]
+        by_variant.setdefault((r["epochs"], r["variant"]), {})[r["seed"]] = 100 * last["top1"]
+        if r["variant"] == "recipe" and "top1_raw" in last:
+            by_variant.setdefault((r["epochs"], "no ema: raw weights"), {})[r["seed"]] = 100 * last["top1_raw"]
+    rows = []
+    for (epochs, variant), per_seed in by_variant.items():
+        recipe = by_variant.get((epochs, "recipe"), {})
+        mean = statistics.fmean(per_seed.values())
+        shared = sorted(set(per_seed) & set(recipe))
+        delta = statistics.fmean(per_seed[s] - recipe[s] for s in shared) if shared else None
+        rows.append({"epochs": epochs, "variant": variant, "seeds": len(per_seed),
+                     "top-1 % mean": f"{mean:.1f}",
+                     "min-max": f"{min(per_seed.values()):.1f}-{max(per_seed.values()):.1f}",
+                     "vs recipe, mean of same-seed differences": "" if variant == "recipe" or delta is None
+                     else f"{delta:+.1f}",
+                     "per seed": " ".join(f"{s}:{v:.1f}" for s, v in sorted(per_seed.items()))})
+    return rows
 
 
 def run_command(args: list[str]) -> tuple[int, float]:
@@ -202,6 +252,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                    help="with --src: keep this many images per class of val (cpu: 100, cuda: all; 0: all)")
     p.add_argument("--ablate", default="", help=f"comma-separated recipe elements to switch off, one run each: "
                    f"{','.join(ABLATIONS)}")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="train every run once per seed (--run.seed) and summarise mean and spread (default: 0)")
     p.add_argument("--out", type=Path, default=None, help="work folder: shards/, runs/, proxy.json (default runs/proxy-DEVICE)")
     p.add_argument("--threads", type=int, default=None, help="DALI threads (default: the preset's 8 on cuda, all cores on cpu)")
     p.add_argument("--report", type=Path, default=None, help="markdown file to append to (default docs/BENCHMARKS.md)")
@@ -251,6 +303,10 @@ def run_proxy(args: argparse.Namespace, overrides: list[str], argv: list[str] | 
     ablations = [a.strip() for a in args.ablate.split(",") if a.strip()]
     for name in ablations:
         ablation_overrides(name, res)  # rejects unknown names before any work
+    if any(o.split("=", 1)[0] == "--run.seed" for o in overrides):
+        raise ProxyError("--run.seed: use --seeds (the runs are named and summarised per seed)")
+    if len(set(args.seeds)) != len(args.seeds) or any(s < 0 for s in args.seeds):
+        raise ProxyError(f"--seeds {' '.join(map(str, args.seeds))}: distinct seeds >= 0")
     threads = args.threads or (8 if device == "cuda" else os.cpu_count() or 1)
     out = args.out or Path("runs") / f"proxy-{device}"
     out.mkdir(parents=True, exist_ok=True)
@@ -273,25 +329,34 @@ def run_proxy(args: argparse.Namespace, overrides: list[str], argv: list[str] | 
     rows, curves, results = [], [], []
     for epochs in epochs_list:
         variants = [("recipe", [])] + [(f"no {a}", ablation_overrides(a, res)) for a in ablations if a != "ema"]
-        for label, ablation in variants:
-            name = f"e{epochs}" + ("" if label == "recipe" else "-" + label.removeprefix("no ").replace("_", "-") + "-off")
+        for seed, (label, ablation) in itertools.product(args.seeds, variants):
+            name = run_name(epochs, label, seed)
             run_dir = out / "runs" / name
-            resumed = (run_dir / "checkpoints" / "last.pt").is_file()
+            seed_flag = [f"--run.seed={seed}"] if seed else []  # seed 0 is the preset's own
             argv_run = train_argv(shards, run_dir, epochs=epochs, res=res, device=device, threads=threads,
-                                  extra=[*protocol.overrides, *ablation, *overrides])
-            print(f"benchmarks.proxy: {label}, {epochs} epochs: python -m train.main {shlex.join(argv_run)}", flush=True)
-            code, wall = run_command(["-m", "train.main", *argv_run])
-            if code != 0:
-                hint = ("it rejected the command line or data (its error is above)" if code == 2 else
-                        "re-run the same command to resume it")
-                print(f"benchmarks.proxy: error: train.main exited with {code} for {run_dir}; {hint}", file=sys.stderr)
-                return code
-            run_command(["-m", "viz.plots", str(run_dir), "--output", str(out / f"curves-{name}.png")])
-            metrics = read_metrics(run_dir)
+                                  extra=[*protocol.overrides, *ablation, *seed_flag, *overrides])
+            if finished(run_dir, epochs):
+                metrics = read_metrics(run_dir)
+                wall, resumed = sum(m["seconds"] for m in metrics), "earlier"
+                print(f"benchmarks.proxy: {label}, {epochs} epochs, seed {seed}: {run_dir} already finished, "
+                      f"reported as it is (delete the folder to train it again)", flush=True)
+            else:
+                resumed = (run_dir / "checkpoints" / "last.pt").is_file()
+                print(f"benchmarks.proxy: {label}, {epochs} epochs, seed {seed}: "
+                      f"python -m train.main {shlex.join(argv_run)}", flush=True)
+                code, wall = run_command(["-m", "train.main", *argv_run])
+                if code != 0:
+                    hint = ("it rejected the command line or data (its error is above)" if code == 2 else
+                            "re-run the same command to resume it")
+                    print(f"benchmarks.proxy: error: train.main exited with {code} for {run_dir}; {hint}",
+                          file=sys.stderr)
+                    return code
+                run_command(["-m", "viz.plots", str(run_dir), "--output", str(out / f"curves-{name}.png")])
+                metrics = read_metrics(run_dir)
             rows.append(summarize(metrics, name=f"{name} ({label})", res=res, wall_seconds=wall, resumed=resumed))
             curves.append(f"{name}: {curve(metrics)}")
-            results.append({"run": name, "variant": label, "epochs": epochs, "res": res, "wall_seconds": wall,
-                            "resumed": resumed, "metrics": metrics})
+            results.append({"run": name, "variant": label, "seed": seed, "epochs": epochs, "res": res,
+                            "wall_seconds": wall, "resumed": resumed, "metrics": metrics})
             if label == "recipe" and "ema" in ablations:
                 rows.append(summarize(metrics, name=f"{name} (no ema: raw weights)", res=res, wall_seconds=wall,
                                       resumed=resumed, raw_weights=True))
@@ -306,6 +371,11 @@ def run_proxy(args: argparse.Namespace, overrides: list[str], argv: list[str] | 
              f"fastai leaderboard (xresnet50, 128 px, un-squashed images): "
              f"{', '.join(f'{v}% at {k} epochs' for k, v in LEADERBOARD_128.items())}. "
              f"1-min load average {load_before:.2f} at start, {load_after:.2f} at end.")
+    if len(args.seeds) > 1:
+        from benchmarks.report import markdown_table
+
+        notes += ("\n\nTop-1 over seeds " + " ".join(map(str, args.seeds)) + " (final epoch; EMA weights except "
+                  "the raw-weights row):\n\n" + markdown_table(seed_summary(results)))
     print(notes)
     if not args.no_report:
         from benchmarks.report import append_result

@@ -128,11 +128,37 @@ def test_proxy_turns_a_folder_into_shards_a_run_and_report_rows(tmp_path, capsys
     assert float(rows[1][4]) == pytest.approx(100 * metrics[0]["top1_raw"], abs=0.05)
     assert "12 train / 6 val images, 3 classes" in text and "e1: 1:" in text
 
+    # The same command with a second seed trains only the new run and reports the finished one as it is.
+    trained = []
+
+    def record(args, *rest, **kwargs):
+        if args[:2] == ["-m", "train.main"]:
+            trained.append(args)
+        return run_command(args, *rest, **kwargs)
+
+    monkeypatch.setattr(proxy, "run_command", record)
+    before = (run / "metrics.jsonl").read_text()
+    code = proxy.main(["--shards", str(out / "shards"), "--out", str(out), "--device", "cpu", "--epochs", "1",
+                       "--res", "32", "--ablate", "ema", "--seeds", "0", "1", "--report", str(report),
+                       "--model.arch=resnet18", "--data.batch_size=4", "--val.batch_size=4", "--val.flip_tta=false",
+                       "--run.tensorboard=false", "--schedule.warmup_epochs=0.5"])
+    assert code == 0
+    assert len(trained) == 1 and "--run.seed=1" in trained[0] and str(out / "runs" / "e1-seed1") in trained[0]
+    assert (run / "metrics.jsonl").read_text() == before  # seed 0 was not trained again
+    second = report.read_text()[len(text):]
+    assert "| e1 (recipe) |" in second and "(earlier run, epochs only)" in second
+    assert "| e1-seed1 (recipe) |" in second and "Top-1 over seeds 0 1" in second
+    seed1 = [json.loads(line) for line in (out / "runs" / "e1-seed1" / "metrics.jsonl").read_text().splitlines()]
+    mean = (100 * metrics[0]["top1"] + 100 * seed1[0]["top1"]) / 2
+    assert f"| 1 | recipe | 2 | {mean:.1f} |" in second
+
 
 @pytest.mark.parametrize("argv, message", [
     (["--res", "50"], "--res 50: must be a positive multiple of 16"),
     (["--ablate", "dropout"], "--ablate dropout: choose from"),
     (["--epochs", "0"], "every count must be at least 1"),
+    (["--run.seed=3"], "--run.seed: use --seeds"),
+    (["--seeds", "1", "1"], "--seeds 1 1: distinct seeds"),
 ])
 def test_bad_flags_get_one_line_errors(argv, message, tmp_path, capsys):
     (tmp_path / "shards").mkdir()
@@ -140,6 +166,28 @@ def test_bad_flags_get_one_line_errors(argv, message, tmp_path, capsys):
     assert proxy.main(["--shards", str(tmp_path / "shards"), "--device", "cpu", "--out", str(tmp_path / "o"),
                        *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_seed_summary_means_ranges_and_same_seed_differences():
+    def result(variant, seed, top1, raw=None):
+        last = {"epoch": 3, "top1": top1, **({"top1_raw": raw} if raw is not None else {})}
+        return {"variant": variant, "seed": seed, "epochs": 3, "metrics": [{"epoch": 2}, last]}
+
+    rows = proxy.seed_summary([result("recipe", 0, 0.40, raw=0.38), result("recipe", 1, 0.30, raw=0.34),
+                               result("no blurpool", 0, 0.35), result("no blurpool", 1, 0.20)])
+    by = {r["variant"]: r for r in rows}
+    assert by["recipe"]["top-1 % mean"] == "35.0" and by["recipe"]["min-max"] == "30.0-40.0"
+    assert by["recipe"]["vs recipe, mean of same-seed differences"] == ""
+    assert by["no blurpool"]["vs recipe, mean of same-seed differences"] == "-7.5"  # (-5 - 10) / 2
+    assert by["no ema: raw weights"]["top-1 % mean"] == "36.0"
+    assert by["no ema: raw weights"]["vs recipe, mean of same-seed differences"] == "+1.0"
+    assert by["no blurpool"]["per seed"] == "0:35.0 1:20.0"
+
+
+def test_run_names_keep_seed_zero_unsuffixed():
+    assert proxy.run_name(3, "recipe", 0) == "e3"
+    assert proxy.run_name(3, "no label_smoothing", 0) == "e3-label-smoothing-off"
+    assert proxy.run_name(5, "no blurpool", 2) == "e5-blurpool-off-seed2"
 
 
 def test_shards_without_a_manifest_are_refused(tmp_path, capsys):
