@@ -121,8 +121,8 @@ def summarize(metrics: list[dict], *, name: str, res: int, wall_seconds: float, 
     board = LEADERBOARD_128.get(epochs) if res == 128 else None
     return {
         "run": name, "epochs": epochs, "train px": f"{metrics[0]['resolution']}->{metrics[-1]['resolution']}",
-        "val px": res, "top-1 %": round(100 * last[key], 2),
-        "top-5 %": "" if raw_weights else round(100 * last["top5"], 2),
+        "val px": res, "top-1 %": f"{100 * last[key]:.1f}",
+        "top-5 %": "" if raw_weights else f"{100 * last['top5']:.1f}",
         "fastai 128 px top-1 %": board if board is not None else "-",
         "wall s": _wall(wall_seconds, resumed, raw_weights),
         "train images/s": round(images / max(train_seconds, 1e-9), 1),

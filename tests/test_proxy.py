@@ -74,12 +74,12 @@ def test_summary_rows_pair_with_the_leaderboard_and_weight_throughput_by_time():
                {"epoch": 5, "train_loss": 1.0, "resolution": 128, "images_per_s": 50.0, "seconds": 30.0,
                 "top1": 0.8, "top5": 0.99, "top1_raw": 0.78}]
     row = proxy.summarize(metrics, name="e5", res=128, wall_seconds=61.04, resumed=False)
-    assert row["top-1 %"] == 80.0 and row["top-5 %"] == 99.0 and row["train px"] == "96->128"
+    assert row["top-1 %"] == "80.0" and row["top-5 %"] == "99.0" and row["train px"] == "96->128"
     assert row["fastai 128 px top-1 %"] == 85.77
     assert row["train images/s"] == pytest.approx((1000 + 1500) / 40, abs=0.05)
     assert row["wall s"] == 61.0
     raw = proxy.summarize(metrics, name="e5 raw", res=128, wall_seconds=61.0, resumed=False, raw_weights=True)
-    assert raw["top-1 %"] == 78.0 and raw["wall s"] == "same run"
+    assert raw["top-1 %"] == "78.0" and raw["wall s"] == "same run"
     assert proxy.summarize(metrics, name="e5", res=64, wall_seconds=1, resumed=True)["fastai 128 px top-1 %"] == "-"
     assert proxy.curve(metrics) == "1:50.0 5:80.0"
 
