@@ -23,7 +23,8 @@ and adds a table of each variant's mean, range and difference from the recipe: o
 of the same recipe can differ by several points, so an ablation means something only beyond that spread.
 Runs named for seed 0 keep their old names (e3, e3-blurpool-off); other seeds add -seedN.
 A run whose folder already holds its model_final.pth and every epoch's metrics is reported, not trained
-again, so adding a seed or an ablation to an earlier command trains only the new runs.
+again, so adding a seed or an ablation to an earlier command trains only the new runs; a finished run
+trained with other settings (another --optim.lr_per_256, say) is refused rather than reported.
 """
 
 from __future__ import annotations
@@ -162,6 +163,24 @@ def finished(run_dir: Path, epochs: int) -> bool:
         return False
     metrics = read_metrics(run_dir)
     return bool(metrics) and metrics[-1]["epoch"] == epochs
+
+
+# Settings that change how fast a run goes, not what it learns: a finished run still counts when they differ.
+SPEED_ONLY = {"data.num_threads", "run.threads", "run.tensorboard", "checkpoint.every_minutes",
+              "checkpoint.every_steps"}
+
+
+def changed_settings(run_dir: Path, argv_run: list[str]) -> list[str]:
+    """`key: stored -> wanted` for every learning setting where the finished run in `run_dir` differs from
+    what `argv_run` would train; empty when the run is the one this command asks for."""
+    import yaml
+
+    from train import config, main as train_main
+
+    args, overrides = train_main.parse_args(argv_run)
+    wanted = config.resolve(args.config, overrides)
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    return [line for line in config.differences(stored, wanted) if line.split(":", 1)[0] not in SPEED_ONLY]
 
 
 def seed_summary(results: list[dict]) -> list[dict]:
@@ -336,6 +355,10 @@ def run_proxy(args: argparse.Namespace, overrides: list[str], argv: list[str] | 
             argv_run = train_argv(shards, run_dir, epochs=epochs, res=res, device=device, threads=threads,
                                   extra=[*protocol.overrides, *ablation, *seed_flag, *overrides])
             if finished(run_dir, epochs):
+                changed = changed_settings(run_dir, argv_run)
+                if changed:
+                    raise ProxyError(f"{run_dir} is a finished run with other settings ({'; '.join(changed)}): "
+                                     f"use another --out, or delete that folder to train it again")
                 metrics = read_metrics(run_dir)
                 wall, resumed = sum(m["seconds"] for m in metrics), "earlier"
                 print(f"benchmarks.proxy: {label}, {epochs} epochs, seed {seed}: {run_dir} already finished, "

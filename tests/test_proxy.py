@@ -152,6 +152,16 @@ def test_proxy_turns_a_folder_into_shards_a_run_and_report_rows(tmp_path, capsys
     mean = (100 * metrics[0]["top1"] + 100 * seed1[0]["top1"]) / 2
     assert f"| 1 | recipe | 2 | {mean:.1f} |" in second
 
+    # A finished run trained with other settings is refused, not reported under this command's name.
+    trained.clear()
+    code = proxy.main(["--shards", str(out / "shards"), "--out", str(out), "--device", "cpu", "--epochs", "1",
+                       "--res", "32", "--no-report", "--model.arch=resnet18", "--data.batch_size=4",
+                       "--val.batch_size=4", "--val.flip_tta=false", "--run.tensorboard=false",
+                       "--schedule.warmup_epochs=0.5", "--optim.lr_per_256=0.05"])
+    assert code == 2 and not trained
+    preset_lr = config.resolve(proxy.PRESET).optim.lr_per_256
+    assert f"is a finished run with other settings (optim.lr_per_256: {preset_lr!r} -> 0.05)" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize("argv, message", [
     (["--res", "50"], "--res 50: must be a positive multiple of 16"),
