@@ -21,7 +21,8 @@ budget, each run even when an earlier one failed:
   train-step-compiled  our step under torch.compile at 160/192/224 px
   viz-eval             (full profile) viz's evaluation pass + 20 Grad-CAM rows on 5,000 photo-like val images
                        (benchmarks.viz_eval; issue 11's goal: 50,000 images + 20 rows in under a minute)
-  proxy                (full profile) `python -m benchmarks.proxy` on the real Imagenette shards, if present
+  proxy                (full profile) `python -m benchmarks.proxy` on the real Imagenette shards, if present:
+                       5 and 20 epochs with the preset, then 5 epochs at twice its learning rate (cuda)
 
 Everything is written under --out: results.json (all figures), summary.md (the one-screen summary also
 printed at the end), BENCHMARKS.md (entries in docs/BENCHMARKS.md format, to copy there), logs/<stage>.log,
@@ -380,8 +381,17 @@ class Suite:
         if self.data.get("shards_kind") != "real":
             result.status, result.detail = "skipped", "needs the real Imagenette shards (carry_data parts or --real-shards)"
             return
-        self.run_commands(result, [[self.python, "-m", "benchmarks.proxy", "--shards", str(self.data["shards"]),
-                                    "--device", self.device, "--out", str(self.out / "proxy")]])
+        base = [self.python, "-m", "benchmarks.proxy", "--shards", str(self.data["shards"]), "--device", self.device]
+        commands = [[*base, "--out", str(self.out / "proxy")]]
+        if self.device == "cuda":
+            # The preset's lr_per_256 was chosen on the 3-epoch CPU protocol; this checks whether a 5-epoch
+            # run on every photo prefers twice that.
+            from benchmarks.proxy import PRESET
+            from train import config
+
+            lr = 2 * config.resolve(PRESET).optim.lr_per_256
+            commands.append([*base, "--epochs", "5", f"--optim.lr_per_256={lr:g}", "--out", str(self.out / f"proxy-lr{lr:g}")])
+        self.run_commands(result, commands)
 
     def stage_viz_eval(self, result: StageResult) -> None:
         """viz's evaluation pass and 20 Grad-CAM rows (issue 11's goal: ImageNet's 50,000 val images and 20

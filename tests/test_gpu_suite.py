@@ -103,3 +103,23 @@ def test_real_photo_shards_survive_the_split_into_upload_parts(tmp_path):
     last.unlink()
     with pytest.raises(carry_data.CarryError, match=f"parts missing.*data-p{index['parts'] - 1:02d}"):
         carry_data.unpack(carry, tmp_path / "again")
+
+
+@pytest.mark.parametrize("device, runs", [("cuda", 2), ("cpu", 1)])
+def test_proxy_stage_checks_twice_the_presets_learning_rate_on_a_gpu(device, runs, tmp_path, monkeypatch):
+    from benchmarks import proxy
+    from train import config
+
+    suite = gpu_suite.Suite(tmp_path / "out", device, "full", None, tmp_path / "carry", "abc1234")
+    suite.data = {"shards_kind": "real", "shards": tmp_path / "shards"}
+    seen = []
+    monkeypatch.setattr(suite, "run_commands", lambda result, commands: seen.extend(commands))
+    suite.stage_proxy(gpu_suite.StageResult("proxy"))
+    assert len(seen) == runs
+    parsed = [proxy.parse_args(cmd[3:]) for cmd in seen]  # [python, -m, benchmarks.proxy, ...]
+    assert parsed[0][0].epochs is None and parsed[0][1] == []  # the preset's own protocol
+    assert len({args.out for args, _ in parsed}) == runs  # separate folders: no run reported for another
+    if runs == 2:
+        args, overrides = parsed[1]
+        lr = float(overrides[0].split("=", 1)[1])
+        assert args.epochs == [5] and lr == pytest.approx(2 * config.resolve(proxy.PRESET).optim.lr_per_256)
