@@ -28,7 +28,8 @@ from viz.gradcam import prepare, run_evaluation
 ROOT = Path(__file__).resolve().parents[1]
 # One epoch (4 steps of 50 images at 32 px) of a ResNet-18 with EMA and flip TTA: the EMA weights are the
 # ones the trainer validated.
-TINY = ["--config", "smoke", "--model.arch=resnet18", "--data.batch_size=50", "--data.num_threads=1",
+# The tiny runs were tuned at smoke's former rate; pinned so that a preset change does not move them.
+TINY = ["--config", "smoke", "--optim.lr_per_256=0.8", "--model.arch=resnet18", "--data.batch_size=50", "--data.num_threads=1",
         "--val.batch_size=35", "--schedule.res_min=32", "--schedule.res_max=64", "--val.res=64",
         "--run.tensorboard=false", "--checkpoint.every_minutes=0", "--schedule.epochs=1", "--ema.enabled=true",
         "--ema.decay=0.5", "--val.flip_tta=true"]
