@@ -157,12 +157,12 @@ def run_name(epochs: int, label: str, seed: int) -> str:
     return name + (f"-seed{seed}" if seed else "")
 
 
-def finished(run_dir: Path, epochs: int) -> bool:
-    """The run ended: model_final.pth written and metrics.jsonl reaching its last epoch."""
+def finished_metrics(run_dir: Path, epochs: int) -> list[dict] | None:
+    """The metrics of a run that ended (model_final.pth written, metrics.jsonl reaching its last epoch), else None."""
     if not (run_dir / "model_final.pth").is_file() or not (run_dir / "metrics.jsonl").is_file():
-        return False
+        return None
     metrics = read_metrics(run_dir)
-    return bool(metrics) and metrics[-1]["epoch"] == epochs
+    return metrics if metrics and metrics[-1]["epoch"] == epochs else None
 
 
 # Settings that change how fast a run goes, not what it learns: a finished run still counts when they differ.
@@ -354,12 +354,12 @@ def run_proxy(args: argparse.Namespace, overrides: list[str], argv: list[str] | 
             seed_flag = [f"--run.seed={seed}"] if seed else []  # seed 0 is the preset's own
             argv_run = train_argv(shards, run_dir, epochs=epochs, res=res, device=device, threads=threads,
                                   extra=[*protocol.overrides, *ablation, *seed_flag, *overrides])
-            if finished(run_dir, epochs):
+            metrics = finished_metrics(run_dir, epochs)
+            if metrics is not None:
                 changed = changed_settings(run_dir, argv_run)
                 if changed:
                     raise ProxyError(f"{run_dir} is a finished run with other settings ({'; '.join(changed)}): "
                                      f"use another --out, or delete that folder to train it again")
-                metrics = read_metrics(run_dir)
                 wall, resumed = sum(m["seconds"] for m in metrics), "earlier"
                 print(f"benchmarks.proxy: {label}, {epochs} epochs, seed {seed}: {run_dir} already finished, "
                       f"reported as it is (delete the folder to train it again)", flush=True)
