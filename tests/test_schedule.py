@@ -49,3 +49,71 @@ def test_resolution_ramp_matches_ffcv(epochs, start, end):
 def test_resolution_steps_through_multiples():
     res = [res_at(e, epochs=40, res_min=128, res_max=256, ramp_start=0.5, ramp_end=0.9) for e in range(40)]
     assert set(res) == {128, 160, 192, 224, 256}
+
+
+# ----------------------------------------------------------------------------- the recipe, value by value
+# FFCV's rn50 schedule at peak 1.7 (4096 images), 100 steps per epoch, 2 warm-up epochs from 1e-4 x peak:
+# warm-up lr = 1.7 x (1e-4 + 0.9999 x t / 2); decay lr = 1.7 x (E - t) / (E - 2); t = step / 100 (epochs).
+# Written out by hand so that a quadratic warm-up, a cosine decay, a plateau at the peak or an end above 0
+# each fails at least one row.
+RECIPE_LR = [
+    # (epochs, step, lr)
+    (16, 0, 0.00017),  # 1.7 x 1e-4
+    (16, 50, 0.4251275),  # 1.7 x (1e-4 + 0.9999 x 0.25); quadratic would give ~0.106
+    (16, 100, 0.850085),  # 1.7 x (1e-4 + 0.9999 x 0.5)
+    (16, 150, 1.2750425),  # 1.7 x (1e-4 + 0.9999 x 0.75)
+    (16, 200, 1.7),  # the peak, at exactly 2 epochs
+    (16, 201, 1.6987857142857143),  # 1.7 x 13.99 / 14: the step after the peak already decays (no plateau)
+    (16, 550, 1.275),  # 1.7 x 10.5 / 14; cosine would give ~1.451
+    (16, 900, 0.85),  # 1.7 x 7 / 14: half-way through the decay
+    (16, 1250, 0.425),  # 1.7 x 3.5 / 14; cosine would give ~0.249
+    (16, 1599, 0.0012142857142857142),  # 1.7 x 0.01 / 14: the last step
+    (16, 1600, 0.0),  # the end of the last epoch
+    (16, 2000, 0.0),  # past the end (a run continued past its schedule)
+    (24, 700, 1.3136363636363637),  # 1.7 x 17 / 22; cosine ~1.492
+    (24, 1300, 0.85),  # 1.7 x 11 / 22
+    (24, 2399, 0.0007727272727272727),  # 1.7 x 0.01 / 22
+    (88, 2400, 1.2651162790697674),  # 1.7 x 64 / 86
+    (88, 4500, 0.85),  # 1.7 x 43 / 86
+    (88, 8799, 0.00019767441860465116),  # 1.7 x 0.01 / 86
+    (88, 8800, 0.0),
+]
+
+
+@pytest.mark.parametrize("epochs, step, expected", RECIPE_LR)
+def test_lr_at_chosen_steps_of_the_recipe(epochs, step, expected):
+    got = lr_at(step, steps_per_epoch=100, peak=1.7, warmup_epochs=2, epochs=epochs, start_factor=1e-4)
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_lr_is_exactly_linear_between_the_corners():
+    """Equal steps change the LR by equal amounts: +peak x (1 - 1e-4) / 200 per step while warming up,
+    -peak / 1400 per step while decaying (16 epochs of 100 steps)."""
+    lr = lambda s: lr_at(s, steps_per_epoch=100, peak=1.7, warmup_epochs=2, epochs=16)  # noqa: E731
+    rises = [lr(s + 1) - lr(s) for s in range(200)]
+    falls = [lr(s + 1) - lr(s) for s in range(200, 1600)]
+    assert rises == pytest.approx([1.7 * 0.9999 / 200] * 200, rel=1e-9)
+    assert falls == pytest.approx([-1.7 / 1400] * 1400, rel=1e-9)
+
+
+def test_lr_without_warmup_starts_at_the_peak_and_fractional_warmup_ends_mid_epoch():
+    lr = lambda s, w: lr_at(s, steps_per_epoch=313, peak=0.4, warmup_epochs=w, epochs=10)  # noqa: E731
+    assert lr(0, 0) == 0.4 and lr(313, 0) == pytest.approx(0.4 * 9 / 10)  # start_factor unused
+    assert lr(0, 0.5) == pytest.approx(0.4e-4)
+    assert lr(156, 0.5) == pytest.approx(0.4 * (1e-4 + 0.9999 * 156 / 156.5))  # still warming up
+    assert lr(157, 0.5) == pytest.approx(0.4 * (10 - 157 / 313) / 9.5)  # t = 0.5016: decaying
+
+
+def test_rn50_preset_is_ffcvs_recipe():
+    """The numbers the $100 run depends on; changing one must be a deliberate edit of this test."""
+    from train.config import resolve
+
+    cfg = resolve("rn50")
+    assert (cfg.optim.lr_per_256, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.label_smoothing) == (
+        0.10625, 0.9, 1e-4, 0.1)
+    assert (cfg.schedule.warmup_epochs, cfg.schedule.warmup_start_factor, cfg.schedule.res_min,
+            cfg.schedule.res_max, cfg.schedule.res_ramp_start, cfg.schedule.res_ramp_end) == (2, 1e-4, 160, 192,
+                                                                                          0.75, 0.875)
+    assert (cfg.model.arch, cfg.model.blurpool, cfg.val.res, cfg.val.crop_ratio, cfg.val.flip_tta) == (
+        "resnet50", True, 256, 0.875, True)
+    assert peak_lr(cfg.optim.lr_per_256, 8 * cfg.data.batch_size, cfg.optim.lr) == pytest.approx(1.7)
