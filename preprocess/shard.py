@@ -30,7 +30,17 @@ Resume: every shard (and chunk) is planned before any work starts, so its conten
 the workers or on where an earlier run stopped. A shard or chunk is complete when its `.json` exists
 (written last, atomically) and names the same plan; re-running the same command verifies complete
 shards by SHA-256 and redoes the rest, so a killed run finishes with the same bytes as an
-uninterrupted one.
+uninterrupted one. Ctrl-C or SIGTERM stops the workers and exits 75 with a one-line hint; OUT/.work/
+holds the train split's pass-1 data of parquet sources, reused on resume and deleted at the end.
+
+Changed sources: a shard's `.json` also records the fingerprint of each sample's source item (size and
+mtime of a file, ETag or content hash of a remote or cached parquet file; see preprocess.sources). A
+re-run redoes the shards whose source items changed, and says which, even when the keys, labels and
+settings are the same; the fingerprints never enter the tars, so unchanged sources keep their bytes.
+
+Exit status: 0 done; 2 bad flag, unreadable source or --out, remote source that cannot be reached or
+read (one line on stderr naming it and the fix); 75 (EX_TEMPFAIL, "resume me", as train.main) stopped
+by Ctrl-C or SIGTERM: finished shards are kept, re-run the same command to resume.
 """
 
 from __future__ import annotations
@@ -42,7 +52,9 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, replace
@@ -54,6 +66,7 @@ from tqdm import tqdm
 from preprocess.encode import MODES as REENCODE_MODES
 from preprocess.encode import NOT_CONVERSIONS, UndecodableImage, reencode
 from preprocess.manifest import FORMAT_VERSION, MANIFEST, mix_stats
+from preprocess.remote import RemoteError, redact
 from preprocess.sources import (SampleRef, SourceError, classes_json, describe, open_source, public_url, read_bytes,
                                 refs_digest, row_group_images)
 from preprocess.writer import ShardWriter, file_sha256, shard_name
@@ -64,6 +77,8 @@ WORK_DIR = ".work"  # pass-1 chunks of two-pass splits; deleted once the manifes
 # Pass-1 output is cut into this many groups of consecutive shards; each group is deleted as soon as its
 # shards are written, so the disk peaks near (1 + 1/MIX_GROUPS) x the shards' size, not twice it.
 MIX_GROUPS = 16
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on request, re-run the same command to resume (as train.main)
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,10 @@ class ShardTask:
     def plan_id(self) -> str:
         return f"{self.settings.digest()}:{refs_digest(list(self.refs))}"
 
+    def source_stamps(self) -> dict[str, str]:
+        """key -> fingerprint of the source item each sample is read from."""
+        return {r.key: r.stamp for r in self.refs}
+
 
 @dataclass(frozen=True)
 class ChunkTask:
@@ -126,7 +145,8 @@ class ChunkTask:
         return Path(self.work_dir) / f"group-{group:03d}" / f"chunk-{self.index:06d}.bin"
 
     def plan_id(self) -> str:
-        rows = [(r.key, r.label, p) for r, p in zip(self.refs, self.positions)]
+        # The stamp too: chunks left by a run that read an older version of the file must not be reused.
+        rows = [(r.key, r.label, p, r.stamp) for r, p in zip(self.refs, self.positions)]
         return f"{self.settings.digest()}:{self.per_group}:{hashlib.sha256(json.dumps(rows).encode()).hexdigest()}"
 
 
@@ -186,7 +206,7 @@ def write_shard(task: ShardTask, outcomes: Iterable[Outcome] | None = None) -> d
         "name": shard_name(task.index), "plan": task.plan_id(), "planned": len(task.refs),
         "images": info.images if info else 0, "bytes": info.bytes if info else 0,
         "sha256": info.sha256 if info else None, "per_class": per_class, "fixed": dict(sorted(fixed.items())),
-        "fixed_keys": fixed_keys, "skipped": skipped,
+        "fixed_keys": fixed_keys, "skipped": skipped, "source": task.source_stamps(),
     }
     write_json_atomic(task.summary_path, summary)
     return summary
@@ -272,10 +292,24 @@ def read_summary(task: ShardTask | ChunkTask) -> dict | None:
     return summary if summary.get("plan") == task.plan_id() else None
 
 
+def stale_reason(task: ShardTask, summary: dict) -> str | None:
+    """Why a shard written from the same plan no longer matches its source items, or None if it does."""
+    written = summary.get("source")
+    if written is None:
+        return "written before source fingerprints were recorded"
+    changed = [r for r in task.refs if written.get(r.key) != r.stamp]
+    if not changed:
+        return None
+    items = list(dict.fromkeys(public_url(str(r.location[1])) for r in changed))
+    more = f" and {len(items) - 2} more" if len(items) > 2 else ""
+    return f"{', '.join(items[:2])}{more} changed"
+
+
 def completed_summary(task: ShardTask, verify: bool = True) -> dict | None:
-    """The summary of an already-written shard of the same plan whose tar still checks out, else None."""
+    """The summary of an already-written shard of the same plan and the same source items whose tar
+    still checks out, else None."""
     summary = read_summary(task)
-    if summary is None:
+    if summary is None or stale_reason(task, summary) is not None:
         return None
     if summary["images"] == 0:
         return summary
@@ -407,10 +441,38 @@ class Progress:
             bar.close()
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def start_pool(workers: int):
+    """Worker processes that ignore SIGINT: Ctrl-C reaches the whole process group, and the parent alone
+    stops the run (terminating the workers) instead of every worker printing a traceback. SIGINT is
+    ignored in the parent while they start, because an ignored signal stays ignored across exec: a worker
+    still importing is covered too; the initializer covers workers the pool starts later."""
+    if threading.current_thread() is not threading.main_thread():
+        return mp.get_context("spawn").Pool(workers, initializer=_ignore_sigint)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return mp.get_context("spawn").Pool(workers, initializer=_ignore_sigint)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def describe_stale(split: str, stale: list[tuple[int, str]]) -> str:
+    """One line naming the shards of `split` that are redone because their source changed, and why."""
+    shown = "; ".join(f"{shard_name(i)} ({why})" for i, why in stale[:3])
+    more = f"; and {len(stale) - 3} more" if len(stale) > 3 else ""
+    noun = "shard whose source changed since it was" if len(stale) == 1 else \
+        "shards whose source changed since they were"
+    return f"{split}: redoing {len(stale)} {noun} written: {shown}{more}"
+
+
 def run(src: str | None, out: Path, *, fmt: str = "auto", splits: tuple[str, ...] = ("train", "val"),
         settings: EncodeSettings = EncodeSettings(), images_per_shard: int = 1000, workers: int = 1,
-        shuffle_seed: int = 0, progress: bool = True) -> dict:
-    """Shard `src` into `out` and return the manifest (also written to `out/manifest.json`)."""
+        shuffle_seed: int = 0, progress: bool = True, log=None) -> dict:
+    """Shard `src` into `out` and return the manifest (also written to `out/manifest.json`). `log(line)`
+    is told which shards are redone because their source changed (before the work starts)."""
     source = open_source(src, fmt)
     missing = [s for s in splits if s not in source.splits()]
     if missing:
@@ -436,13 +498,21 @@ def run(src: str | None, out: Path, *, fmt: str = "auto", splits: tuple[str, ...
 
     summaries: dict[tuple[str, int], dict] = {}
     todo: dict[str, list[ShardTask]] = {}
+    stale: dict[str, list[tuple[int, str]]] = {}
     for split, split_tasks in tasks.items():
         for task in split_tasks:
             done = completed_summary(task)
             if done is not None:
                 summaries[(split, task.index)] = done
-            else:
-                todo.setdefault(split, []).append(task)
+                continue
+            todo.setdefault(split, []).append(task)
+            written = read_summary(task)
+            why = stale_reason(task, written) if written is not None else None
+            if why is not None:
+                stale.setdefault(split, []).append((task.index, why))
+    for split, shards in stale.items():
+        if log is not None:
+            log(describe_stale(split, shards))
 
     # Phase 1: one-pass shards and pass-1 chunks of the two-pass splits that still miss shards.
     phase1: list = [t for split, ts in todo.items() if split not in two_pass for t in ts]
@@ -469,7 +539,7 @@ def run(src: str | None, out: Path, *, fmt: str = "auto", splits: tuple[str, ...
     encoded = sum(t.samples() if isinstance(t, ChunkTask) else len(t.refs) for t in phase1)
 
     start = time.perf_counter()
-    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    pool = start_pool(workers) if workers > 1 else None
     bars = Progress(progress)
     try:
         desc = "encoding (pass 1 of 2)" if two_pass else "encoding"
@@ -512,13 +582,18 @@ def run(src: str | None, out: Path, *, fmt: str = "auto", splits: tuple[str, ...
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     written = sum(len(ts) for ts in todo.values())
     manifest["_stats"] = {"seconds": elapsed, "encoded": encoded, "written_shards": written,
-                          "verified_shards": sum(len(ts) for ts in tasks.values()) - written}
+                          "verified_shards": sum(len(ts) for ts in tasks.values()) - written,
+                          "stale_shards": [f"{split}/{shard_name(i)}" for split, ss in stale.items() for i, _ in ss]}
     return manifest
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m preprocess.shard",
+        epilog="Exit status: 0 done; 2 bad flag or input, or a remote source that cannot be reached or read (one "
+               "line on stderr with the fix); 75 stopped by Ctrl-C or SIGTERM: finished shards are kept, re-run "
+               "the same command to resume (OUT/.work/ holds pass-1 data of a parquet train split, reused then "
+               "deleted). A re-run also redoes the shards whose source files changed (size, mtime or ETag).",
         description="Convert ImageNet-1k (Hugging Face parquet, ImageFolder or Tiny-ImageNet-200) into WebDataset "
                     "tar shards with DALI index files and a manifest.json. Re-running the same command resumes "
                     "and verifies; the same input and settings give byte-identical shards. The train split is "
@@ -569,18 +644,25 @@ def validate(args: argparse.Namespace) -> tuple[str, ...]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # SIGTERM (spot interruption, `kill`) stops the run like Ctrl-C: workers die with the group or are
+    # terminated by the parent, and nothing finished is lost.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         splits = validate(args)
         manifest = run(args.src, args.out, fmt=args.format, splits=splits,
                        settings=EncodeSettings(args.max_side, args.quality, args.reencode),
                        images_per_shard=args.images_per_shard, workers=args.workers, shuffle_seed=args.shuffle_seed,
-                       progress=not args.no_progress)
-    except SourceError as exc:
-        print(f"preprocess.shard: error: {exc}", file=sys.stderr)
-        return 2
+                       progress=not args.no_progress, log=lambda line: print(line, flush=True))
+    except (SourceError, RemoteError) as exc:
+        print(f"preprocess.shard: error: {redact(str(exc), args.src)}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
-        print("preprocess.shard: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+        print(f"preprocess.shard: interrupted; finished shards are kept: re-run the same command to resume "
+              f"({args.out / WORK_DIR}/ holds pass-1 data of a parquet train split, reused then deleted)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     stats = manifest.pop("_stats")
     for split, info in manifest["splits"].items():
         fixes = ", ".join(f"{k} {v}" for k, v in info["fixed"].items() if k != "passthrough") or "none"

@@ -8,8 +8,14 @@ ILSVRC/imagenet-1k is the same sorted-wnid order that torchvision uses).
 
 Parquet may be local or remote: `--src` takes any fsspec URL of a folder, a file or a glob
 (`s3://bucket/imagenet/data`, `hf://datasets/ILSVRC/imagenet-1k/data`). Credentials come from the
-usual places (AWS_* variables, ~/.aws, an instance role; HF_TOKEN or `huggingface-cli login`) and an
-S3-compatible endpoint from AWS_ENDPOINT_URL; nothing here stores or prints them.
+usual places (AWS_* variables, ~/.aws, an instance role; HF_TOKEN or `hf auth login`) and an
+S3-compatible endpoint from AWS_ENDPOINT_URL; nothing here stores or prints them, and a failure to reach
+or read a remote source is one line (preprocess.remote).
+
+Every ref carries a fingerprint (`stamp`) of the item its bytes come from, taken while listing: size and
+mtime for a local file (the content hash for a file in the Hugging Face cache, whose blobs are named by
+it), the ETag or content hash a remote store lists (else size and modification time). A shard records
+the stamps of its samples, so a source item replaced under the same name is noticed on a re-run.
 """
 
 from __future__ import annotations
@@ -17,14 +23,16 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.parquet as pq
+
+from preprocess.remote import RemoteError, check_url, explained, is_url, public_url  # noqa: F401  (re-exported)
 
 HF_REPO = "ILSVRC/imagenet-1k"
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -47,6 +55,7 @@ class SampleRef:
     key: str  # unique within its split; safe as a WebDataset key
     label: int
     location: tuple  # ("parquet", file, row_group, row) or ("file", path)
+    stamp: str = ""  # fingerprint of the file the bytes come from; not part of the shard's contents
 
 
 def imagenet_classes() -> list[ClassInfo]:
@@ -93,20 +102,29 @@ def read_bytes(location: tuple) -> bytes:
     raise ValueError(f"unknown location kind {kind!r}")
 
 
-def is_url(src: str) -> bool:
-    """True for fsspec URLs such as s3://bucket/prefix or hf://datasets/...; local paths are not URLs."""
-    return "://" in src and not src.startswith("file://")
+def stat_stamp(st: os.stat_result) -> str:
+    return f"size={st.st_size},mtime_ns={st.st_mtime_ns}"
 
 
-def public_url(src: str) -> str:
-    """`src` without user:password@ and without a query string, for logs and the manifest."""
-    if not is_url(src):
-        return src
-    parts = urlsplit(src)
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+def local_stamp(path: str) -> str:
+    """Size and mtime of a local file; for a link into the Hugging Face cache, the blob's content hash
+    (its name), which survives a re-download that changes the mtime."""
+    real = Path(os.path.realpath(path))
+    if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", real.name):
+        return f"blob={real.name}"
+    return stat_stamp(real.stat())
+
+
+def remote_stamp(info: dict) -> str:
+    """A remote file's fingerprint from its listing entry: a content hash or ETag where the store gives
+    one (Hub LFS sha256 or git blob id, S3 ETag, GCS md5), else size and modification time."""
+    lfs = info.get("lfs") or {}
+    for kind, value in (("sha256", lfs.get("sha256") or lfs.get("oid")), ("blob", info.get("blob_id")),
+                        ("etag", info.get("ETag") or info.get("etag")), ("md5", info.get("md5Hash"))):
+        if value:
+            return f"{kind}={str(value).strip(chr(34))}"
+    modified = next((info[k] for k in ("LastModified", "last_modified", "mtime", "updated") if info.get(k)), "")
+    return f"size={info.get('size')},modified={modified}"
 
 
 def open_parquet(file: str) -> pq.ParquetFile:
@@ -126,7 +144,8 @@ def _row_group_images(file: str, row_group: int) -> list:
 
 def row_group_images(file: str, row_group: int) -> list[bytes | None]:
     """The `image.bytes` of every row of one row group, in row order."""
-    table = open_parquet(file).read_row_group(row_group, columns=["image.bytes"])
+    with explained(file):
+        table = open_parquet(file).read_row_group(row_group, columns=["image.bytes"])
     return _leaf(table, "image", "bytes").to_pylist()
 
 
@@ -146,16 +165,22 @@ class HFParquetSource:
 
     def __init__(self, src: str):
         self.src = src
-        self.files = find_parquet_files(src)
+        if is_url(src):
+            listing = _list_remote_parquet(src)
+            self.files = sorted(listing)
+            self.stamps = {f: remote_stamp(listing[f]) for f in self.files}
+        else:
+            self.files = find_parquet_files(src)
+            self.stamps = {f: local_stamp(f) for f in self.files}
         if not self.files:
-            raise SourceError(f"--src {src}: no .parquet files found")
+            raise SourceError(f"--src {public_url(src)}: no .parquet files found")
         self.by_split: dict[str, list[str]] = {}
         for f in self.files:
             split = split_of_parquet(f)
             if split is not None:
                 self.by_split.setdefault(split, []).append(f)
         if not self.by_split:
-            raise SourceError(f"--src {src}: parquet files found, but none named train-*/validation-*/test-* "
+            raise SourceError(f"--src {public_url(src)}: parquet files found, but none named train-*/validation-*/test-* "
                               f"(e.g. {Path(self.files[0]).name}); name them by split as the HF release does")
         self.classes = self._read_classes(self.files[0])
 
@@ -163,7 +188,9 @@ class HFParquetSource:
     def _read_classes(file: str) -> list[ClassInfo]:
         from datasets import ClassLabel, Features  # heavy import, only needed here
 
-        schema = open_parquet(file).schema_arrow
+        with explained(file):
+            schema = open_parquet(file).schema_arrow
+        file = public_url(file)
         missing = [c for c in ("image", "label") if c not in schema.names]
         if missing:
             raise SourceError(f"{file}: parquet without {'/'.join(missing)} column(s) (has {schema.names}); "
@@ -201,26 +228,27 @@ class HFParquetSource:
                 keys.append(safe_key(path) if path else f"{split}_{len(keys):08d}")
                 labels.append(-1 if label is None else int(label))
                 locations.append(("parquet", file, rg, row))
-        return [SampleRef(k, l, loc) for k, l, loc in zip(unique_keys(keys), labels, locations)]
+        return [SampleRef(k, l, loc, self.stamps[loc[1]]) for k, l, loc in zip(unique_keys(keys), labels, locations)]
 
 
 def _list_rows(file: str) -> list[tuple]:
     """(image.path, label, row group, row) of every row of one parquet file, without the image bytes."""
-    pf = open_parquet(file)
-    if "label" not in pf.schema_arrow.names or "image" not in pf.schema_arrow.names:
-        raise SourceError(f"{public_url(file)}: parquet without image/label columns (has {pf.schema_arrow.names})")
-    rows = []
-    for rg in range(pf.num_row_groups):
-        table = pf.read_row_group(rg, columns=["image.path", "label"])
-        paths = _leaf(table, "image", "path").to_pylist()
-        rows += [(path, label, rg, row) for row, (path, label) in enumerate(zip(paths, table.column("label").to_pylist()))]
+    with explained(file):
+        pf = open_parquet(file)
+        if "label" not in pf.schema_arrow.names or "image" not in pf.schema_arrow.names:
+            raise SourceError(f"{public_url(file)}: parquet without image/label columns (has {pf.schema_arrow.names})")
+        rows = []
+        for rg in range(pf.num_row_groups):
+            table = pf.read_row_group(rg, columns=["image.path", "label"])
+            paths = _leaf(table, "image", "path").to_pylist()
+            rows += [(path, label, rg, row) for row, (path, label) in enumerate(zip(paths, table.column("label").to_pylist()))]
     return rows
 
 
 def find_parquet_files(src: str) -> list[str]:
     """The .parquet files under a folder, a single file or a glob; local paths or fsspec URLs, sorted."""
     if is_url(src):
-        return _find_remote_parquet(src)
+        return sorted(_list_remote_parquet(src))
     path = Path(src)
     if path.is_file():
         return [str(path)]
@@ -229,23 +257,23 @@ def find_parquet_files(src: str) -> list[str]:
     return sorted(glob.glob(src, recursive=True))
 
 
-def _find_remote_parquet(src: str) -> list[str]:
-    import fsspec
-
+def _list_remote_parquet(src: str) -> dict[str, dict]:
+    """URL -> listing entry (size, ETag or hash, ...) of the .parquet files under a remote folder, file or glob."""
+    check_url(src)
     try:
+        import fsspec
+
         fs, path = fsspec.core.url_to_fs(src)
-        if glob.has_magic(path):
-            found = fs.glob(path)
-        elif fs.isfile(path):
-            found = [path]
-        else:
-            found = fs.find(path)
     except ImportError as exc:  # e.g. s3fs missing for s3://
         raise SourceError(f"--src {public_url(src)}: {exc}") from exc
-    except (OSError, ValueError) as exc:
-        raise SourceError(f"--src {public_url(src)}: cannot list it ({type(exc).__name__}: {exc}); check the URL "
-                          f"and the credentials (AWS_* / ~/.aws / instance role; HF_TOKEN for hf://)") from exc
-    return sorted(fs.unstrip_protocol(p) for p in found if p.endswith(".parquet"))
+    with explained(src, "--src"):
+        if glob.has_magic(path):
+            found = fs.glob(path, detail=True)
+        elif fs.isfile(path):
+            found = {path: fs.info(path)}
+        else:
+            found = fs.find(path, detail=True)
+    return {fs.unstrip_protocol(p): info for p, info in found.items() if p.endswith(".parquet")}
 
 
 def split_of_parquet(file: str) -> str | None:
@@ -257,7 +285,17 @@ def split_of_parquet(file: str) -> str | None:
 
 
 def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return [p for p, _ in stamped_image_files(folder)]
+
+
+def stamped_image_files(folder: Path) -> list[tuple[Path, str]]:
+    """(path, stamp) of the image files in `folder`, sorted; one stat per file (links are followed)."""
+    found = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
+                found.append((Path(entry.path), stat_stamp(entry.stat())))
+    return sorted(found)
 
 
 def _split_dir(root: Path, split: str) -> Path | None:
@@ -298,7 +336,8 @@ class ImageFolderSource:
             if class_dir.name not in self._index:
                 raise SourceError(f"{class_dir}: class {class_dir.name!r} is not among the train/ classes")
             label = self._index[class_dir.name]
-            refs += [SampleRef(safe_key(p.name), label, ("file", str(p))) for p in image_files(class_dir)]
+            refs += [SampleRef(safe_key(p.name), label, ("file", str(p)), stamp)
+                     for p, stamp in stamped_image_files(class_dir)]
         return _with_unique_keys(refs)
 
 
@@ -344,19 +383,20 @@ class TinyImageNetSource:
                 folder = self.root / "train" / wnid / "images"
                 if not folder.is_dir():
                     folder = self.root / "train" / wnid
-                refs += [SampleRef(safe_key(p.name), label, ("file", str(p))) for p in image_files(folder)]
+                refs += [SampleRef(safe_key(p.name), label, ("file", str(p)), stamp)
+                         for p, stamp in stamped_image_files(folder)]
         elif split == "val":
             folder = self.root / "val" / "images"
-            for p in image_files(folder):
+            for p, stamp in stamped_image_files(folder):
                 if p.name not in self._val_labels:
                     raise SourceError(f"{p}: not listed in {self.root / 'val' / 'val_annotations.txt'}")
-                refs.append(SampleRef(safe_key(p.name), self._val_labels[p.name], ("file", str(p))))
+                refs.append(SampleRef(safe_key(p.name), self._val_labels[p.name], ("file", str(p)), stamp))
         return _with_unique_keys(refs)
 
 
 def _with_unique_keys(refs: list[SampleRef]) -> list[SampleRef]:
     keys = unique_keys([r.key for r in refs])
-    return [SampleRef(k, r.label, r.location) for k, r in zip(keys, refs)]
+    return [replace(r, key=k) for k, r in zip(keys, refs)]
 
 
 def default_hf_src() -> str:
@@ -379,8 +419,6 @@ def open_source(src: str | None, fmt: str = "auto"):
     if is_url(src):
         if fmt not in ("auto", "hf-parquet"):
             raise SourceError(f"--src {public_url(src)}: remote sources must be parquet (--format hf-parquet)")
-        if not find_parquet_files(src):
-            raise SourceError(f"--src {public_url(src)}: no .parquet files there")
         return HFParquetSource(src)
     path = Path(src)
     if not path.exists() and not glob.glob(src):
@@ -411,5 +449,6 @@ def classes_json(classes: list[ClassInfo]) -> list[dict]:
 
 
 def refs_digest(refs: list[SampleRef]) -> str:
-    """Identifies exactly which samples (keys, labels, order) a shard was planned from."""
+    """Identifies exactly which samples (keys, labels, order) a shard was planned from; the stamps are
+    checked apart, so that the same samples from another copy of the source plan the same shard."""
     return hashlib.sha256(json.dumps([(r.key, r.label) for r in refs]).encode()).hexdigest()

@@ -12,7 +12,7 @@ import pytest
 
 from preprocess.sources import public_url
 from tests.test_aws_s3 import BUCKET, CREDENTIALS, endpoint, need_boto3  # noqa: F401  (fixture)
-from tests.test_shard import tree_bytes
+from tests.test_shard import shard_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "remote-test-secret-key-0123"  # moto accepts any key; it must never be printed or stored
@@ -40,7 +40,7 @@ def test_s3_source_gives_the_local_bytes(endpoint, s3_source, shards_dir, tmp_pa
     proc = shard_remote(endpoint, "--src", s3_source, "--out", out, "--images-per-shard", 50, "--workers", 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for split in ("train", "val"):
-        assert tree_bytes(out / split) == tree_bytes(shards_dir / split), split
+        assert shard_bytes(out / split) == shard_bytes(shards_dir / split), split
     manifest = (out / "manifest.json").read_text()
     assert f'"path": "{s3_source}"' in manifest
     for text in (manifest, proc.stdout, proc.stderr):
