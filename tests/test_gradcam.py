@@ -226,6 +226,36 @@ def test_tiny_imagenet_val_maps_to_imagenet_classes(tmp_path):
         gradcam.match_model(data, 10)
 
 
+# Classes whose ImageNet indices are not 0..n-1, so that an identity map gives wrong labels.
+SCATTERED = {"n15075141": 999, "n02123045": 281, "n01443537": 1, "n01530575": 10}  # toilet tissue, tabby, goldfish, brambling
+
+
+def _mapped_labels(data) -> dict[str, int]:
+    mapped = gradcam.match_model(data, 1000)
+    assert mapped.label_map == (1, 10, 281, 999)  # the dataset's classes are its sorted wnids
+    assert [mapped.classes[i].name for i in mapped.label_map] == ["goldfish", "brambling", "tabby", "toilet tissue"]
+    batches = loader.batches(mapped, res=16, crop_ratio=0.875, batch_size=3)
+    return {key: label for batch in batches for key, label in zip(batch.keys, batch.labels)}
+
+
+def test_tiny_imagenet_labels_are_the_imagenet_indices_of_their_wnids(tmp_path):
+    (tmp_path / "wnids.txt").write_text("\n".join(SCATTERED) + "\n")
+    lines = []
+    for i, wnid in enumerate(SCATTERED):
+        _jpeg(tmp_path / "val" / "images" / f"val_{i}.JPEG")
+        lines.append(f"val_{i}.JPEG\t{wnid}\t0\t0\t10\t10")
+    (tmp_path / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    labels = _mapped_labels(gradcam.open_data(tmp_path / "val"))
+    assert labels == {f"val_{i}": index for i, index in enumerate(SCATTERED.values())}
+
+
+def test_imagefolder_labels_are_the_imagenet_indices_of_their_wnids(tmp_path):
+    for wnid in SCATTERED:
+        _jpeg(tmp_path / "val" / wnid / f"{wnid}_a.JPEG")
+    labels = _mapped_labels(gradcam.open_data(tmp_path))
+    assert labels == {f"{wnid}_a": index for wnid, index in SCATTERED.items()}
+
+
 def test_imagefolder_uses_the_train_class_list(tmp_path):
     for wnid in ("n01440764", "n01443537", "n01484850"):
         (tmp_path / "train" / wnid).mkdir(parents=True)

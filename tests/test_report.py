@@ -284,3 +284,82 @@ def test_old_flags_on_tiny_imagenet_layout_measure_the_trainers_top1(tiny_run, s
     assert f"top-1 {record['top1']:.2%} " in capsys.readouterr().out
     saved = evaluation.load(out.with_name("grid_predictions.csv"))
     assert len(saved.predictions) == record["val_images"] and saved.meta["data"] == str(tiny / "val")
+
+
+# ----------------------------------------------------------------------------- the trainer's top1_raw
+
+def test_top1_raw_is_an_evaluation_of_the_raw_weights(tiny_run, shards_dir):
+    """With EMA on, the trainer logs top1 of the EMA weights and top1_raw of the trained ones: both equal a
+    fresh evaluation (trainer's model, loader and evaluate()) of the weights saved in best.pt."""
+    from train import engine
+    from train.config import ModelConfig
+    from train.data import ValLoader
+    from train.model import build_model
+
+    best = torch.load(tiny_run / "checkpoints" / "best.pt", weights_only=True)
+    record, config = best["history"][-1], best["config"]
+    val = ValLoader(shards_dir, config["val"]["batch_size"], res=config["val"]["res"],
+                    crop_ratio=config["val"]["crop_ratio"], num_threads=1)
+    top1 = {}
+    for name, weights in (("raw", best["model"]), ("ema", best["ema"]["model"])):
+        model = build_model(ModelConfig(**config["model"]), len(weights["fc.bias"]))
+        model.load_state_dict(weights)
+        top1[name] = engine.evaluate(model.to(memory_format=torch.channels_last), val, device=torch.device("cpu"),
+                                     amp_dtype=None, flip_tta=config["val"]["flip_tta"])["top1"]
+    assert top1["raw"] != top1["ema"]  # else the check below could not tell the two apart
+    assert record["top1_raw"] == top1["raw"] and record["top1"] == top1["ema"]
+
+
+# ----------------------------------------------------------------------------- predictions.csv is not stale
+
+FAST = ["--num-show", "1", "--classes", "1", "--pairs", "1", "--num-threads", "1", "--no-progress",
+        "--device", "cpu"]
+
+
+@pytest.mark.parametrize("flags, changed", [
+    ([], {}),  # the same checkpoint and settings: reused
+    (["--checkpoint", "model_final.pth"], {"checkpoint": "model_final.pth"}),  # another file of the same run
+    (["--weights", "model"], {"weights": "model"}),  # the raw weights of the same file
+    (["--res", "32"], {"res": 32}),
+    (["--crop-ratio", "0.5"], {"crop_ratio": 0.5}),
+    (["--flip-tta", "off"], {"flip_tta": False}),
+    (["--limit", "10"], {"limit": 10, "images": 10}),
+    (["--precision", "bf16"], {"precision": "bfloat16"}),
+    (["--batch-size", "7"], {"batch_size": 7}),
+])
+def test_report_reuses_predictions_only_for_the_same_checkpoint_and_settings(built_report, tiny_run, shards_dir,
+                                                                              tmp_path, capsys, flags, changed):
+    saved = built_report.parent
+    before = json.loads((saved / "predictions.json").read_text())
+    flags = [str(tiny_run / f) if f.endswith(".pth") else f for f in flags]
+    out = tmp_path / "report"
+    out.mkdir()
+    for name in ("predictions.csv", "predictions.json"):
+        shutil.copy2(saved / name, out / name)
+    capsys.readouterr()
+    assert report.main([str(tiny_run), "--data", str(shards_dir), "--output", str(out), *FAST, *flags]) == 0
+    printed = capsys.readouterr().out
+    after = json.loads((out / "predictions.json").read_text())
+    if not changed:
+        assert "read back: top-1" in printed and after == before
+        return
+    assert "evaluated: top-1" in printed and "read back" not in printed, flags
+    for key, value in changed.items():
+        got = Path(after[key]).name if key == "checkpoint" else after[key]
+        assert got == value and before[key] != after[key], key
+
+
+def test_report_evaluates_again_when_the_checkpoint_file_is_replaced(tiny_run, shards_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(tiny_run / "metrics.jsonl", run_dir)
+    best = torch.load(tiny_run / "checkpoints" / "best.pt", weights_only=True)
+    torch.save(best, run_dir / "checkpoints" / "best.pt")
+    argv = [str(run_dir), "--data", str(shards_dir), *FAST]
+    assert report.main(argv) == 0 and report.main(argv) == 0
+    assert "read back: top-1" in capsys.readouterr().out
+    best["ema"]["model"]["fc.bias"] = best["ema"]["model"]["fc.bias"] + 5 * torch.arange(10.0)  # other weights
+    torch.save(best, run_dir / "checkpoints" / "best.pt")  # same path
+    assert report.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "evaluated: top-1" in printed and "read back" not in printed

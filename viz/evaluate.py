@@ -100,6 +100,11 @@ def predict(model: torch.nn.Module, batches, *, device: torch.device, amp_dtype:
     return Evaluation(sorted(predictions, key=lambda p: p.index), skipped, time.perf_counter() - start)
 
 
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """How a predictions file records the evaluation's autocast dtype: fp32, bfloat16 or float16."""
+    return str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"
+
+
 # ----------------------------------------------------------------------------- the predictions file
 
 def meta_path(path: Path) -> Path:

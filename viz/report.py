@@ -312,7 +312,8 @@ def evaluate_or_reuse(path: Path, setup: Setup, data: ValData, stamp: dict, *, l
     if not fresh and path.is_file() and evaluation.meta_path(path).is_file():
         saved = evaluation.load(path)
         settings = {"res": setup.res, "crop_ratio": setup.crop_ratio, "flip_tta": setup.flip,
-                    "batch_size": setup.batch_size, "limit": limit, "device": str(setup.device)}
+                    "batch_size": setup.batch_size, "limit": limit, "device": str(setup.device),
+                    "precision": evaluation.precision_name(setup.amp_dtype)}
         if all(saved.meta.get(k) == v for k, v in {**stamp, **settings}.items()):
             return saved, True
     result = run_evaluation(setup.model, data, res=setup.res, crop_ratio=setup.crop_ratio,
