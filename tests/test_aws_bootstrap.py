@@ -345,12 +345,48 @@ def test_data_step_without_cache_or_token_says_what_to_do(fake_bin, fake_venv, t
     assert proc.returncode == 1 and "HF_TOKEN is not set" in proc.stderr and "--secret HF_TOKEN" in proc.stderr
 
 
-def test_setup_stops_when_torch_cannot_use_the_driver(fake_bin, fake_venv, tmp_path):
-    """This machine's torch sees no GPU, like a CUDA build newer than the instance's driver."""
+FAKE_TORCH = """__version__ = "2.99.0+cu999"
+
+
+class version:
+    cuda = "99.9"
+
+
+class cuda:
+    @staticmethod
+    def is_available():
+        return {available}
+"""
+
+
+def check_cuda(fake_bin: Path, venv: Path, tmp_path: Path, **env) -> subprocess.CompletedProcess:
     (fake_bin / "nvidia-smi").write_text('#!/usr/bin/env bash\n[[ $1 == -L ]] && echo "GPU 0: NVIDIA L40S" '
                                          '|| echo 535.183.01\n')
-    proc = subprocess.run(["bash", "-c", 'source "$1" && check_cuda', "bash", str(BOOTSTRAP)], capture_output=True,
-                          text=True, env={"PATH": f"{fake_bin}:{os.environ['PATH']}", "VENV": str(fake_venv),
-                                          "HOME": str(tmp_path)}, timeout=60)
+    return subprocess.run(["bash", "-c", 'source "$1" && check_cuda', "bash", str(BOOTSTRAP)], capture_output=True,
+                          text=True, env={"PATH": f"{fake_bin}:{os.environ['PATH']}", "VENV": str(venv),
+                                          "HOME": str(tmp_path), **env}, timeout=120)
+
+
+@pytest.mark.parametrize("available", [False, True])
+def test_setup_checks_that_torch_can_use_the_driver(fake_bin, fake_venv, tmp_path, available):
+    """A torch (a stand-in module, whatever this machine has) that sees no GPU, like a CUDA build newer than the
+    instance's driver, stops the set-up with the fix; one that sees it passes."""
+    fake = tmp_path / "fake-torch" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(FAKE_TORCH.format(available=available))
+    proc = check_cuda(fake_bin, fake_venv, tmp_path, PYTHONPATH=str(fake.parent))
+    if available:
+        assert proc.returncode == 0, proc.stderr
+        assert "CUDA ok: driver 535.183.01, 1 GPU(s)" in proc.stderr
+    else:
+        assert proc.returncode == 1
+        assert "torch 2.99.0+cu999 for CUDA 99.9 cannot use NVIDIA driver 535.183.01" in proc.stderr
+        assert "TORCH_SPEC=" in proc.stderr
+
+
+def test_setup_stops_when_torch_cannot_use_the_driver(fake_bin, fake_venv, tmp_path):
+    """The venv's real torch with every GPU hidden (CUDA_VISIBLE_DEVICES=""): the same stop on any machine,
+    with or without a GPU."""
+    proc = check_cuda(fake_bin, fake_venv, tmp_path, CUDA_VISIBLE_DEVICES="")
     assert proc.returncode == 1
     assert "cannot use NVIDIA driver 535.183.01" in proc.stderr and "TORCH_SPEC=" in proc.stderr
