@@ -165,11 +165,6 @@ def finished_metrics(run_dir: Path, epochs: int) -> list[dict] | None:
     return metrics if metrics and metrics[-1]["epoch"] == epochs else None
 
 
-# Settings that change how fast a run goes, not what it learns: a finished run still counts when they differ.
-SPEED_ONLY = {"data.num_threads", "run.threads", "run.tensorboard", "checkpoint.every_minutes",
-              "checkpoint.every_steps"}
-
-
 def changed_settings(run_dir: Path, argv_run: list[str]) -> list[str]:
     """`key: stored -> wanted` for every learning setting where the finished run in `run_dir` differs from
     what `argv_run` would train; empty when the run is the one this command asks for."""
@@ -180,7 +175,8 @@ def changed_settings(run_dir: Path, argv_run: list[str]) -> list[str]:
     args, overrides = train_main.parse_args(argv_run)
     wanted = config.resolve(args.config, overrides)
     stored = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    return [line for line in config.differences(stored, wanted) if line.split(":", 1)[0] not in SPEED_ONLY]
+    # settings that change how fast a run goes, not what it learns: a finished run still counts when they differ
+    return config.differences(stored, wanted, ignore=config.RESUME_SAFE)
 
 
 def seed_summary(results: list[dict]) -> list[dict]:

@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 CHECKPOINT_FORMAT = 1
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Ctrl-C (SIGINT) is a stop request like the others: save, then exit 75; a second Ctrl-C quits at once.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
 
 
 def save_atomic(obj: dict, path: Path) -> None:
@@ -54,6 +56,20 @@ def copy_atomic(src: Path, dst: Path) -> None:
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync_dir(Path(dst).parent)
+
+
+def link_atomic(src: Path, dst: Path) -> None:
+    """`dst` becomes another name of `src`'s current file (no copy; `src` is later replaced by rename, so
+    `dst` keeps these bytes); a copy where the filesystem has no hard links."""
+    tmp = Path(dst).with_name(f".{Path(dst).name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        copy_atomic(src, dst)
+        return
+    os.replace(tmp, dst)
     _fsync_dir(Path(dst).parent)
 
 
@@ -96,7 +112,7 @@ def restore_rng(state: dict, device: torch.device) -> None:
 
 
 class StopSignals:
-    """Turns SIGTERM / SIGUSR1 into a flag the training loop polls at step boundaries.
+    """Turns SIGTERM / SIGUSR1 / SIGINT into a flag the training loop polls at step boundaries.
 
     Use as a context manager; the previous handlers come back on exit.
     """
@@ -106,6 +122,12 @@ class StopSignals:
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            os.write(2, b"\ntrain.main: second Ctrl-C: quitting without saving; the last checkpoint is kept\n")
+            os._exit(EXIT_INTERRUPTED)
+        if signum == signal.SIGINT:
+            os.write(2, b"\ntrain.main: Ctrl-C: saving at the next step, then exiting (Ctrl-C again: quit now "
+                        b"without saving)\n")
         self.received = signum
 
     def __enter__(self) -> "StopSignals":

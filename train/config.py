@@ -60,6 +60,9 @@ class DataConfig:
                        "random_resized_crop: the fallback for GPUs where the fused mixed decoder fails), auto (fused, "
                        "checked in a child process on a GPU; split if that or the first batch fails)",
                        choices=("auto", "fused", "split"))
+    verify: str = _opt("size", "before training, check every shard against manifest.json: size (byte counts, "
+                       "instant) or sha256 (also the checksums; reads every shard once, see docs/RELIABILITY.md)",
+                       choices=("size", "sha256"))
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,8 @@ class CheckpointConfig:
     every_minutes: float = _opt(15.0, "also save last.pt mid-epoch every N minutes of wall time (0: off)",
                                 check=_NON_NEGATIVE)
     every_steps: int = _opt(0, "also save last.pt every N optimizer steps (0: off)", check=_NON_NEGATIVE)
+    keep: int = _opt(2, "epoch-end checkpoints kept as checkpoints/epoch-NNN.pt besides last.pt and best.pt "
+                     "(hard links: no extra disk until last.pt moves on; 0: none)", check=_NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,14 @@ class RunConfig:
     sync_every: int = _opt(20, "steps between loss read-outs, non-finite checks and cross-rank stop/save "
                            "agreement (each costs a device sync)", check=_POSITIVE)
     tensorboard: bool = _opt(True, "also log metrics to RUN_DIR/tensorboard (skipped if tensorboard is missing)")
+    resume: str = _opt("auto", "auto: start a new --out, resume a stopped one with the same settings, refuse a "
+                       "finished one or changed settings; force: also continue a finished run past its end "
+                       "(raise schedule.epochs; its final files move to finished-epoch-N/) or resume with "
+                       "changed settings", choices=("auto", "force"))
+    memory_check: bool = _opt(True, "refuse to start when the estimated memory per process exceeds what this "
+                              "device has (the kernel's OOM killer gives no message)")
+    dist_timeout_s: float = _opt(1800.0, "seconds a collective may wait for the other ranks before the run stops "
+                                 "with an error (a dead or hung rank)", check=_POSITIVE)
 
 
 @dataclass(frozen=True)
@@ -312,12 +325,24 @@ def dump_yaml(cfg: Config, header: str = "") -> str:
     return comment + yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def differences(old: dict, new: Config) -> list[str]:
-    """`key: old -> new` for every value that differs between a stored config dict and `new`."""
+# Keys that change speed, logging or safety nets but not the weights a run ends with: a stopped run resumes
+# with new values of these without --run.resume=force (docs/RECIPES.md lists them).
+RESUME_SAFE = frozenset({
+    "data.num_threads", "data.decode", "data.verify", "model.compile", "val.batch_size", "val.every_epochs",
+    "checkpoint.every_minutes", "checkpoint.every_steps", "checkpoint.keep", "run.threads", "run.sync_every",
+    "run.tensorboard", "run.deterministic", "run.resume", "run.memory_check", "run.dist_timeout_s",
+})
+
+
+def differences(old: dict, new: Config, ignore: typing.Container[str] = ()) -> list[str]:
+    """`key: old -> new` for every value that differs between a stored config dict and `new`, leaving out the
+    dotted keys in `ignore`."""
     out = []
     new_tree = to_dict(new)
     for section, values in new_tree.items():
         for key, value in values.items():
+            if f"{section}.{key}" in ignore:
+                continue
             before = old.get(section, {}).get(key, "<absent>")
             if before != value:
                 out.append(f"{section}.{key}: {before!r} -> {value!r}")

@@ -7,6 +7,7 @@ Backend: NCCL on CUDA, gloo on the CPU.
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import os
 from dataclasses import dataclass
@@ -42,7 +43,9 @@ def pick_device(preference: str) -> str:
     return preference
 
 
-def init_distributed(device_type: str) -> DistInfo:
+def init_distributed(device_type: str, timeout: datetime.timedelta | None = None) -> DistInfo:
+    """This process's place; with torchrun, the process group too. `timeout`: how long a collective waits for
+    the other ranks before raising (torch's default when None)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = env_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -54,9 +57,23 @@ def init_distributed(device_type: str) -> DistInfo:
         device = torch.device("cpu")
     if world_size > 1:
         backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout,
                                 device_id=device if device_type == "cuda" else None)
     return DistInfo(rank, world_size, local_rank, local_world_size, device)
+
+
+def timeout_reason(exc: BaseException) -> str | None:
+    """'a collective timed out' (naming the operation where torch says it) for the errors gloo and NCCL raise
+    when another rank stops answering, or None for any other error."""
+    text = str(exc)
+    lower = text.lower()
+    if "timed out" not in lower and "timeout" not in lower and "connection closed by peer" not in lower \
+            and "connection reset" not in lower:
+        return None
+    for name in ("allreduce", "all_reduce", "broadcast", "allgather", "all_gather", "barrier"):
+        if name in lower:
+            return f"a collective ({name}) failed waiting for another rank"
+    return "a collective failed waiting for another rank"
 
 
 def shutdown() -> None:

@@ -6,17 +6,24 @@ Outputs in RUN_DIR: config.yaml (the resolved config), metrics.jsonl (one line p
 checkpoints/last.pt (every epoch end, every checkpoint.every_minutes / every_steps, and on SIGTERM/SIGUSR1),
 checkpoints/best.pt (best top-1) and, at the end, model_final.pth: a plain torchvision state_dict
 (`torchvision.models.resnet50(num_classes=N).load_state_dict(torch.load(path))`).
-Re-running the same command on the same RUN_DIR resumes from checkpoints/last.pt.
+Re-running the same command on the same RUN_DIR resumes from checkpoints/last.pt; a finished run, or one
+whose settings differ from its checkpoint's, is refused unless --run.resume=force (train/lifecycle.py).
+RUN_DIR/run.json says what state the run is in (running, stopped, finished, failed) and why.
 
-Exit status: 0 finished; 2 bad command line, config or data folder (one line on stderr);
-3 the loss became NaN/inf (the message names the step and the last good checkpoint);
-75 (EX_TEMPFAIL, "resume me") stopped by SIGTERM or SIGUSR1 after saving last.pt: run the same command
-again. Under torchrun, torchrun itself reports any non-zero worker status as a failure.
+Exit status: 0 finished; 2 bad command line, config, data folder, run folder, or not enough memory for the
+preset (one line on stderr); 3 the loss became NaN/inf (the message names the step and the last good
+checkpoint); 4 a checkpoint could not be written (disk full): the previous one is intact;
+75 (EX_TEMPFAIL, "resume me") stopped by Ctrl-C, SIGTERM or SIGUSR1 after saving last.pt: run the same
+command again; 130 a second Ctrl-C quit without saving. Under torchrun, torchrun itself reports any
+non-zero worker status as a failure. docs/RELIABILITY.md lists every fault and what it leaves behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import hashlib
+import json
 import math
 import os
 import random
@@ -29,15 +36,24 @@ import torch
 from torch import nn
 
 from preprocess.manifest import DatasetError, class_sorted_problem, load_manifest, split_shards
-from train import checkpoint, config, distributed, engine, schedule
+from train import checkpoint, config, distributed, engine, lifecycle, preflight, schedule
 from train.config import Config, ConfigError
 from train.model import ModelEma, build_model, build_optimizer, plain_state_dict
 
-EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_RESUME = 0, 2, 3, 75
+EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_SAVE_FAILED, EXIT_RESUME = 0, 2, 3, 4, 75
+EXIT_INTERRUPTED = checkpoint.EXIT_INTERRUPTED
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written; the message names it and the intact previous one."""
+
+
+class CollectiveTimeout(RuntimeError):
+    """Another rank stopped answering (dead or hung) for longer than run.dist_timeout_s."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, overrides = parse_args(argv)
         cfg = config.resolve(args.config, overrides)
+        lifecycle.check_out_dir(args.out)
         device_type = distributed.pick_device(cfg.run.device)
         amp_dtype = engine.pick_precision(cfg.run.precision, device_type)
         manifest = check_data(args.data, cfg.data.allow_unshuffled)
@@ -82,16 +99,25 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.env_rank() == 0:
             print(f"train.main: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    run = Training(cfg, args.data, args.out, int(manifest["num_classes"]), device_type, amp_dtype)
+    except KeyboardInterrupt:  # Ctrl-C before training began: nothing to save
+        print("train.main: interrupted before training started; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    run = Training(cfg, args.data, args.out, manifest, device_type, amp_dtype)
     return run.execute()
 
 
 def check_data(data_dir: Path, allow_unshuffled: bool) -> dict:
-    """The shard folder's manifest, once its files are all there and its train split is shuffled
-    (class-sorted shards are refused: they waste a run); raises DatasetError saying what to do."""
+    """The shard folder's manifest, once its files are all there (sizes as listed) and its train split is
+    shuffled and has two classes or more (class-sorted shards are refused: they waste a run); raises
+    DatasetError saying what to do."""
     manifest = load_manifest(data_dir)
     split_shards(data_dir, "train", manifest)
     split_shards(data_dir, "val", manifest)
+    present = [c for c in manifest["splits"]["train"].get("per_class", []) if c]
+    classes = len(present) if "per_class" in manifest["splits"]["train"] else int(manifest["num_classes"])
+    if classes < 2:
+        raise DatasetError(f"{Path(data_dir) / 'manifest.json'}: the train split holds images of {classes} class(es); "
+                           f"a classifier needs at least 2 (check --src / the class folders of preprocess.shard)")
     problem = class_sorted_problem(data_dir, manifest, "train")
     if problem and not allow_unshuffled:
         raise DatasetError(f"{problem}; re-shard it with `python -m preprocess.shard` (it shuffles the train "
@@ -101,41 +127,76 @@ def check_data(data_dir: Path, allow_unshuffled: bool) -> dict:
     return manifest
 
 
+def data_fingerprint(manifest: dict) -> str:
+    """A short digest of the shards a run trains and validates on (names, sizes and checksums)."""
+    shards = {split: [(s["name"], s["bytes"], s.get("sha256")) for s in manifest["splits"][split]["shards"]]
+              for split in ("train", "val")}
+    return hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class Training:
     """The wiring of one run: processes, model, optimizer, loaders, checkpoints and the epoch loop."""
 
-    def __init__(self, cfg: Config, data_dir: Path, run_dir: Path, num_classes: int, device_type: str,
+    def __init__(self, cfg: Config, data_dir: Path, run_dir: Path, manifest: dict, device_type: str,
                  amp_dtype: torch.dtype | None):
         self.cfg, self.data_dir, self.run_dir = cfg, Path(data_dir), Path(run_dir)
-        self.num_classes, self.device_type, self.amp_dtype = num_classes, device_type, amp_dtype
+        self.manifest, self.num_classes = manifest, int(manifest["num_classes"])
+        self.device_type, self.amp_dtype = device_type, amp_dtype
         self.last_path = self.run_dir / "checkpoints" / "last.pt"
         self.best_path = self.run_dir / "checkpoints" / "best.pt"
+        self.lock = lifecycle.RunLock(self.run_dir)
+        self.started = False  # whether this process got as far as recording the run as running
 
     def execute(self) -> int:
-        self.dist = distributed.init_distributed(self.device_type)
+        timeout = datetime.timedelta(seconds=self.cfg.run.dist_timeout_s)
+        self.dist = distributed.init_distributed(self.device_type, timeout=timeout)
         try:
             with checkpoint.StopSignals() as self.signals:
                 self.setup()
-                return self.fit()
+                status = self.fit()
+            if status == EXIT_OK:
+                self.record_state("finished", epochs=self.cfg.schedule.epochs, best_top1=self.best_top1)
+            return status
         except (ConfigError, DatasetError) as exc:
-            if self.dist.is_main:
-                print(f"train.main: error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            return self.fail(EXIT_USAGE, str(exc))
         except NonFiniteLoss as exc:
-            if self.dist.is_main:
-                print(f"train.main: error: {exc}", file=sys.stderr)
-            return EXIT_DIVERGED
+            return self.fail(EXIT_DIVERGED, str(exc))
+        except SaveFailed as exc:
+            return self.fail(EXIT_SAVE_FAILED, str(exc))
+        except RuntimeError as exc:
+            reason = distributed.timeout_reason(exc)
+            if reason is None:
+                raise
+            return self.fail(EXIT_USAGE, f"{reason} after {self.cfg.run.dist_timeout_s:g} s "
+                                         f"(--run.dist_timeout_s): another rank is dead or hung; last checkpoint: "
+                                         f"{getattr(self, 'last_saved', 'none yet')}; run the same command to "
+                                         f"resume from it (torchrun --max-restarts=N does so by itself)")
         finally:
             if getattr(self, "train_loader", None) is not None:
                 self.train_loader.close()  # a pipeline built ahead for an epoch that will not run
+            self.lock.release()
             distributed.shutdown()
+
+    def fail(self, status: int, message: str) -> int:
+        if self.dist.is_main:
+            print(f"train.main: error: {message}", file=sys.stderr)
+            if self.started:
+                self.record_state("failed", exit=status, reason=message)
+        return status
+
+    def record_state(self, state: str, **facts) -> None:
+        if self.dist.is_main:
+            lifecycle.write_state(self.run_dir, state, epoch=getattr(self, "epoch", 0), step=getattr(self, "step", 0),
+                                  command=" ".join(["python -m train.main", *sys.argv[1:]]), **facts)
 
     # -- set-up ----------------------------------------------------------------------------------------
 
     def setup(self) -> None:
         cfg, dist = self.cfg, self.dist
+        plan = self.open_run()
         configure_runtime(cfg.run, dist.local_world_size)
         self.device = dist.device
+        self.check_before_building(plan)
         self.global_batch = cfg.data.batch_size * dist.world_size
         self.peak_lr = schedule.peak_lr(cfg.optim.lr_per_256, self.global_batch, cfg.optim.lr)
         memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
@@ -163,7 +224,12 @@ class Training:
         self.epoch, self.step, self.global_step = 0, 0, 0
         self.best_top1, self.history = -1.0, []
         self.last_saved, self.saved_at = "none yet", None
-        self.resume()
+        if plan.checkpoint is not None:
+            self.resume(plan.checkpoint)
+        if plan.state == "finished" and dist.is_main:
+            archived = lifecycle.archive_finished(self.run_dir, self.epoch)
+            self.say(f"--run.resume=force: continuing a finished run from epoch {self.epoch} to "
+                     f"{cfg.schedule.epochs}; its final files are kept in {archived}")
         self.train_model = self.model
         if dist.world_size > 1:
             self.train_model = distributed.wrap_ddp(self.model, self.device_type, dist.local_rank)
@@ -177,16 +243,50 @@ class Training:
             write_text_atomic(self.run_dir / "config.yaml", config.dump_yaml(cfg, header))
             self.log = engine.MetricsLog(self.run_dir, self.history, tensorboard=cfg.run.tensorboard,
                                          first_step=self.global_step)
+        self.record_state("running")
+        self.started = True
         self.last_save_time = time.monotonic()
 
-    def resume(self) -> None:
-        if not self.last_path.is_file():
-            return
-        state = checkpoint.load(self.last_path)
-        if state.get("format") != checkpoint.CHECKPOINT_FORMAT:
-            raise ConfigError(f"{self.last_path}: checkpoint format {state.get('format')!r}, "
-                              f"expected {checkpoint.CHECKPOINT_FORMAT}")
-        self.say_config_changes(state["config"])
+    def open_run(self) -> lifecycle.Plan:
+        """Collective: rank 0 locks RUN_DIR and decides (new, resume, refuse); every rank follows."""
+        self.fingerprint = data_fingerprint(self.manifest)
+        error = None
+        if self.dist.is_main:
+            try:
+                self.lock.acquire()
+                lifecycle.plan(self.run_dir, self.cfg, self.fingerprint)
+            except ConfigError as exc:
+                error = str(exc)
+        error = distributed.broadcast_object(error)
+        if error:
+            raise ConfigError(error)
+        plan = lifecycle.plan(self.run_dir, self.cfg, self.fingerprint)  # the same answer on every rank
+        for note in plan.notes:
+            self.say(note)
+        return plan
+
+    def check_before_building(self, plan: lifecycle.Plan) -> None:
+        """Pre-flight: memory for this preset on this device, and the shards against their manifest."""
+        cfg, dist = self.cfg, self.dist
+        if cfg.run.memory_check:
+            estimate = preflight.estimate_memory(cfg, self.num_classes, amp_dtype=self.amp_dtype,
+                                                 max_side=preflight.max_image_side(self.manifest),
+                                                 sample_bytes=preflight.bytes_per_sample(self.manifest))
+            available = preflight.available_memory(self.device, dist.local_world_size)
+            problem = preflight.memory_problem(estimate, available, cfg, self.device.type)
+            if problem:
+                raise ConfigError(problem)
+        if cfg.data.verify == "sha256":
+            start = time.perf_counter()
+            mine = preflight.verify_checksums(self.data_dir, self.manifest, dist.local_rank, dist.local_world_size)
+            bad = [line for lines in distributed.all_gather_object(mine) for line in lines]
+            if bad:
+                raise DatasetError(f"{bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                                   + f"; re-run `python -m preprocess.shard` with the same arguments: it redoes "
+                                   f"just the damaged shards")
+            self.say(f"data: every shard matches its SHA-256 in the manifest ({time.perf_counter() - start:.1f} s)")
+
+    def resume(self, state: dict) -> None:
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:  # another architecture or class count
@@ -202,7 +302,16 @@ class Training:
                 self.ema = ModelEma(self.model, self.cfg.ema.decay)
         self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
         self.best_top1, self.history = state["best_top1"], list(state["history"])
-        if state["world_size"] == self.dist.world_size:
+        if self.global_step != self.epoch * self.steps_per_epoch + self.step:
+            # Another global batch (--run.resume=force with a new batch size, or another process count): the
+            # steps of the old epochs do not map onto this one's; the epoch in progress restarts, and the
+            # schedule continues from this run's own step count.
+            if self.step:
+                self.say(f"warning: {self.last_path} was written with {state['world_size']} process(es) and "
+                         f"another number of steps per epoch: epoch {self.epoch + 1} restarts from its first step")
+            self.step = 0
+            self.global_step = self.epoch * self.steps_per_epoch
+        elif state["world_size"] == self.dist.world_size:
             mine = state["ranks"][self.dist.rank]
             try:
                 self.train_loader.load_state_dict(mine["data"])
@@ -218,10 +327,6 @@ class Training:
         self.last_saved = f"{self.last_path} (epoch {self.epoch + 1}, step {self.step})"
         self.saved_at = (self.epoch, self.step)
         self.say(f"resuming from {self.last_saved}")
-
-    def say_config_changes(self, stored: dict) -> None:
-        for line in config.differences(stored, self.cfg):
-            self.say(f"warning: config changed since the checkpoint: {line}")
 
     # -- the loop --------------------------------------------------------------------------------------
 
@@ -357,10 +462,12 @@ class Training:
         self.meter = engine.TrainMeter(self.device)
         self.save(self.last_path)
         if self.dist.is_main:
+            lifecycle.keep_epoch_checkpoint(self.last_path, epoch + 1, self.cfg.checkpoint.keep)
             if improved:
-                checkpoint.copy_atomic(self.last_path, self.best_path)
+                checkpoint.link_atomic(self.last_path, self.best_path)  # a hard link: no copy of the file
             self.log.append(record, self.global_step)
-            top = (f"top-1 {100 * record['top1']:.2f}%, top-5 {100 * record['top5']:.2f}% "
+            top5 = f"{100 * record['top5']:.2f}%" if "top5" in record else "n/a (5 classes or fewer)"
+            top = (f"top-1 {100 * record['top1']:.2f}%, top-5 {top5} "
                    f"({record['val_images']} images), ") if "top1" in record else ""
             self.say(f"epoch {epoch + 1}/{self.cfg.schedule.epochs}: train loss {record['train_loss']:.4f}, {top}"
                      f"{record['images_per_s']:.0f} img/s, {record['seconds']:.1f} s")
@@ -373,7 +480,9 @@ class Training:
         evaluated = self.ema.module if self.ema is not None else self.model
         result = engine.evaluate(evaluated, self.val_loader, device=self.device, amp_dtype=self.amp_dtype,
                                  flip_tta=flip)
-        record = {"top1": result["top1"], "top5": result["top5"], "val_images": result["images"]}
+        record = {"top1": result["top1"], "val_images": result["images"]}
+        if self.num_classes > 5:  # with 5 classes or fewer every label is in the top 5
+            record["top5"] = result["top5"]
         if self.ema is not None:
             raw = engine.evaluate(self.model, self.val_loader, device=self.device, amp_dtype=self.amp_dtype,
                                   flip_tta=flip)
@@ -389,7 +498,8 @@ class Training:
             evaluated = [r for r in self.history if "top1" in r]
             if evaluated:
                 r = evaluated[-1]
-                self.say(f"final top-1: {100 * r['top1']:.2f}% (top-5 {100 * r['top5']:.2f}%, "
+                top5 = f"{100 * r['top5']:.2f}%" if "top5" in r else "n/a"
+                self.say(f"final top-1: {100 * r['top1']:.2f}% (top-5 {top5}, "
                          f"{r['val_images']} val images, epoch {r['epoch']}); weights: {path}")
         distributed.barrier()
         return EXIT_OK
@@ -402,8 +512,9 @@ class Training:
     def stop(self) -> int:
         if self.saved_at != (self.epoch, self.step):  # e.g. a signal during validation: last.pt is current
             self.save(self.last_path)
-        self.say(f"stopped by {self.signals.name or 'a signal to another rank'}: {self.last_saved}; "
-                 f"run the same command to resume (exit {EXIT_RESUME})")
+        by = self.signals.name or "a signal to another rank"
+        self.say(f"stopped by {by}: {self.last_saved}; run the same command to resume (exit {EXIT_RESUME})")
+        self.record_state("stopped", reason=f"stopped by {by}")
         if self.dist.is_main:
             self.log.close()
         return EXIT_RESUME
@@ -422,14 +533,24 @@ class Training:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "ranks": ranks, "best_top1": self.best_top1, "history": self.history,
-                "config": config.to_dict(self.cfg),
+                "config": config.to_dict(self.cfg), "data_fingerprint": self.fingerprint,
             }
-            checkpoint.save_atomic(state, path)
+            try:
+                checkpoint.save_atomic(state, path)
+            except OSError as exc:  # disk full, quota, RLIMIT_FSIZE: save_atomic left the previous file as it was
+                error = (f"could not write {path} ({exc.strerror or exc}); the previous checkpoint is intact: "
+                         f"{self.last_saved}; free space on {path.parent} and run the same command to resume")
+            else:
+                error = None
+        else:
+            error = None
+        error = distributed.broadcast_object(error)  # also: nobody exits before the file is in place
+        if error:
+            raise SaveFailed(error)
         self.last_saved = f"{path} (epoch {self.epoch + 1}, step {self.step})"
         self.saved_at = (self.epoch, self.step)
         self.last_save_time = time.monotonic()
         self.say(f"checkpoint: {self.last_saved}")
-        distributed.barrier()  # nobody exits before the file is in place
 
     def say(self, message: str) -> None:
         if self.dist.is_main:
