@@ -46,6 +46,7 @@ by Ctrl-C or SIGTERM: finished shards are kept, re-run the same command to resum
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import itertools
 import json
@@ -441,8 +442,15 @@ class Progress:
             bar.close()
 
 
-def _ignore_sigint() -> None:
+def _leave(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _worker_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Leave through Python, releasing the pool's queue locks: a worker killed while it waits for a task
+    # dies holding the task queue's lock, and the parent's Pool.terminate() then waits for it forever.
+    signal.signal(signal.SIGTERM, _leave)
 
 
 def start_pool(workers: int):
@@ -450,11 +458,12 @@ def start_pool(workers: int):
     stops the run (terminating the workers) instead of every worker printing a traceback. SIGINT is
     ignored in the parent while they start, because an ignored signal stays ignored across exec: a worker
     still importing is covered too; the initializer covers workers the pool starts later."""
+    pool = functools.partial(mp.get_context("spawn").Pool, workers, initializer=_worker_signals)
     if threading.current_thread() is not threading.main_thread():
-        return mp.get_context("spawn").Pool(workers, initializer=_ignore_sigint)
+        return pool()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        return mp.get_context("spawn").Pool(workers, initializer=_ignore_sigint)
+        return pool()
     finally:
         signal.signal(signal.SIGINT, previous)
 

@@ -1,0 +1,73 @@
+"""Ctrl-C (and SIGTERM) in `python -m preprocess.shard`, sent to the whole process group as a terminal does:
+one hint line and exit 75, no worker tracebacks, and re-running the same command finishes with the bytes of
+an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from preprocess import shard
+from tests.conftest import write_synthetic_parquet
+from tests.test_shard import shard_cli, tree_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--images-per-shard", 20, "--max-side", 96, "--reencode", "always"]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """400 train and 100 val images of 128 px: a few seconds of work for two workers."""
+    src = tmp_path_factory.mktemp("interrupt-parquet")
+    write_synthetic_parquet(src, per_class=40, val_per_class=10, size=128)
+    return src
+
+
+@pytest.fixture(scope="module")
+def reference(source, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("interrupt-reference")
+    shard.run(str(source), out, settings=shard.EncodeSettings(max_side=96, reencode="always"), images_per_shard=20,
+              workers=1, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_is_one_line_exit_75_and_resumes_to_identical_bytes(signum, source, reference, tmp_path):
+    out = tmp_path / "out"
+    args = ["--src", source, "--out", out, *ARGS]
+    proc = subprocess.Popen([sys.executable, "-m", "preprocess.shard", "--no-progress", "--workers", "2",
+                             *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+    try:
+        # The val shards are written first, while both workers still have the train split to encode.
+        deadline = time.monotonic() + 120
+        while not list(out.glob("val/shard-*.json")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert proc.poll() is None and list(out.glob("val/shard-*.json")), "no shard finished while it ran"
+        os.killpg(proc.pid, signum)  # the whole group, workers included, as a terminal's Ctrl-C
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it could be interrupted"
+    assert proc.returncode == shard.EXIT_INTERRUPTED == 75, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "re-run the same command to resume" in lines[0] and f"{out / '.work'}/" in lines[0]
+    resumed = shard_cli(*args, "--workers", 2)
+    assert "already complete" in resumed.stdout  # the interrupted run's finished shards were kept
+    assert tree_bytes(out) == tree_bytes(reference)
+
+
+def test_help_documents_the_exit_status():
+    text = subprocess.run([sys.executable, "-m", "preprocess.shard", "--help"], cwd=ROOT, capture_output=True,
+                          text=True).stdout
+    assert "75" in text and "Ctrl-C" in text and "re-run" in text
