@@ -117,3 +117,20 @@ def test_rn50_preset_is_ffcvs_recipe():
     assert (cfg.model.arch, cfg.model.blurpool, cfg.val.res, cfg.val.crop_ratio, cfg.val.flip_tta) == (
         "resnet50", True, 256, 0.875, True)
     assert peak_lr(cfg.optim.lr_per_256, 8 * cfg.data.batch_size, cfg.optim.lr) == pytest.approx(1.7)
+
+
+def test_absolute_peak_below_one_still_wins():
+    assert peak_lr(0.1, 1024, 0.5) == 0.5 and peak_lr(0.1, 1024, 1e-3) == 1e-3 and peak_lr(0.1, 1024) == 0.4
+
+
+def test_resolution_end_points_are_exact_even_off_the_multiple():
+    """res_min through the ramp's start epoch and res_max from its end epoch, as given (not rounded to 32)."""
+    res = [res_at(e, epochs=16, res_min=100, res_max=200, ramp_start=0.75, ramp_end=0.875) for e in range(16)]
+    assert res[:12] == [100] * 12 and res[12] == 160 and res[13:] == [200] * 3  # ramp epochs 11 and 13
+
+
+def test_short_runs_ramp_from_epoch_0():
+    assert res_ramp_epochs(1, 0.75, 0.875) == (0, 0) and res_ramp_epochs(4, 0.1, 0.2) == (0, 0)
+    assert res_ramp_epochs(8, 0.1, 0.3) == (0, 1)
+    assert [res_at(e, epochs=4, res_min=128, res_max=192, ramp_start=0.1, ramp_end=0.2) for e in range(4)] == [
+        128, 192, 192, 192]  # a ramp that starts and ends at epoch 0: epoch 0 is still res_min
