@@ -266,6 +266,7 @@ def _list_remote_parquet(src: str) -> dict[str, dict]:
         fs, path = fsspec.core.url_to_fs(src)
     except ImportError as exc:  # e.g. s3fs missing for s3://
         raise SourceError(f"--src {public_url(src)}: {exc}") from exc
+    fs.invalidate_cache()  # the stamps must be today's, not a listing an earlier run() in this process cached
     with explained(src, "--src"):
         if glob.has_magic(path):
             found = fs.glob(path, detail=True)
