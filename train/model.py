@@ -1,9 +1,10 @@
 """The network: torchvision ResNet-50 (optionally with BlurPool), its optimizer and a weight EMA.
 
-Whatever options are on, `model.state_dict()` has exactly torchvision's keys and shapes, so a
-checkpoint's weights load with `torchvision.models.resnet50(num_classes=N).load_state_dict(sd)`:
-BlurPool replaces a strided conv by a subclass with the same parameters and keeps its filter in a
-non-persistent buffer.
+Whatever options are on, `model.state_dict()` has exactly torchvision's keys and shapes: BlurPool
+replaces a strided conv by a subclass with the same parameters and keeps its filter in a non-persistent
+buffer. So a BlurPool model's weights also load into a plain `torchvision.models.resnet50()`, without
+error, and that computes another network (the demo model: 87.33 % becomes 60.00 %). `load_model(path)`
+(train/artifact.py) builds the right one from model.safetensors, a checkpoint or model_final.pth.
 """
 
 from __future__ import annotations
@@ -77,6 +78,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, fused: bool |
         fused = any(p.is_cuda for p in decay + no_decay)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, fused=fused or None)
+
+
+def load_model(path, *, weights: str = "auto") -> nn.Module:
+    """The model saved in `path` (model.safetensors, best.pt, model_final.pth, a run folder), built as its
+    file or run folder says (BlurPool included), in eval mode; its card is `model.card`. See train.artifact."""
+    from train import artifact  # it imports this module
+
+    return artifact.load_model(path, weights=weights)
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

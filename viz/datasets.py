@@ -132,15 +132,89 @@ def open_data(path: str | Path) -> ValData:
                    f"(images/ + val_annotations.txt)")
 
 
-def match_model(data: ValData, num_classes: int) -> ValData:
-    """`data` with labels in the model's output space. A 1000-class model on a subset of ImageNet
-    (e.g. Tiny-ImageNet's 200 classes) gets each wnid's ImageNet index."""
-    if len(data.classes) == num_classes:
+LABEL_SPACES = ("auto", "imagenet", "folder")
+# --label-space auto picks folder order when at least this share of the model's top-1 predictions are
+# outputs 0..K-1 (and more than land on the data's wnid indices): a model trained on K folders puts nearly
+# all there, an ImageNet model about K/1000 plus its hits.
+FOLDER_SHARE = 0.5
+
+
+def _wnid_map(data: ValData, num_classes: int, model_classes) -> tuple[tuple[ClassInfo, ...], tuple[int, ...]] | None:
+    """(the model's classes, data label -> model output) by wnid, when every class of `data` has a wnid in the
+    model's class list (its card's; ImageNet-1k's for a 1000-output model without one), else None."""
+    if model_classes is None and num_classes == 1000:
+        model_classes = imagenet_classes()
+    if model_classes is None or len(model_classes) != num_classes:
+        return None
+    index = {c.wnid: i for i, c in enumerate(model_classes) if c.wnid}
+    if not all(c.wnid in index for c in data.classes):
+        return None
+    return tuple(model_classes), tuple(index[c.wnid] for c in data.classes)
+
+
+def needs_evidence(data: ValData, num_classes: int, model_classes=None) -> bool:
+    """Whether --label-space auto has to look at the model's predictions: the data has fewer classes than the
+    model, and folder order and the wnid index would label its images differently."""
+    if len(data.classes) >= num_classes:
+        return False
+    mapped = _wnid_map(data, num_classes, model_classes)
+    return mapped is None or mapped[1] != tuple(range(len(data.classes)))
+
+
+def match_model(data: ValData, num_classes: int, *, label_space: str = "auto", argmaxes: list[int] | None = None,
+                model_classes=None) -> ValData:
+    """`data` with labels in the model's output space.
+
+    With as many classes as the model: as they are (by wnid when the model's class list has them in another
+    order). With fewer: "imagenet" gives each wnid its index in the model's class list (ImageNet-1k's for a
+    1000-output model, e.g. Tiny-ImageNet's 200 classes); "folder" takes data class i as output i (a model
+    trained on those folders with a larger head); "auto" decides from `argmaxes`, the model's top-1 outputs
+    on some of the images (without them: by wnid when possible). `note` says which and why."""
+    if label_space not in LABEL_SPACES:
+        raise VizError(f"--label-space {label_space}: expected one of {', '.join(LABEL_SPACES)}")
+    k = len(data.classes)
+    mapped = _wnid_map(data, num_classes, model_classes)
+    if k == num_classes:
+        if mapped is not None and mapped[1] != tuple(range(k)) and label_space != "folder":
+            return replace(data, classes=mapped[0], label_map=mapped[1],
+                           note=f"the {k} classes put in the model's class order by wnid")
         return data
-    imagenet = imagenet_classes()
-    index = {c.wnid: i for i, c in enumerate(imagenet)}
-    if num_classes == len(imagenet) and all(c.wnid in index for c in data.classes):
-        return replace(data, classes=tuple(imagenet), label_map=tuple(index[c.wnid] for c in data.classes),
-                       note=f"{len(data.classes)} classes mapped to the 1000 ImageNet classes by wnid")
-    raise VizError(f"--data {data.path}: has {len(data.classes)} classes, the checkpoint {num_classes}; "
-                   f"cannot tell which output is which class")
+    if k > num_classes:
+        raise VizError(f"--data {data.path}: has {k} classes, the checkpoint {num_classes}; "
+                       f"cannot tell which output is which class")
+    unused = tuple(ClassInfo(None, f"output {i}") for i in range(k, num_classes))
+    folder = replace(data, classes=tuple(data.classes) + unused, label_map=None)
+
+    def by_wnid(why: str) -> ValData:
+        return replace(data, classes=mapped[0], label_map=mapped[1],
+                       note=f"{k} classes mapped to the model's {num_classes} classes by wnid (ImageNet index){why}")
+
+    if label_space == "folder":
+        return replace(folder, note=f"folder order: data class i is model output i, 0-{k - 1} of {num_classes} "
+                                    f"(--label-space folder)")
+    if label_space == "imagenet":
+        if mapped is None:
+            raise VizError(f"--label-space imagenet: the {k} classes of {data.path} are not all wnids of the "
+                           f"model's {num_classes} classes")
+        return by_wnid(" (--label-space imagenet)")
+    if mapped is not None and (mapped[1] == tuple(range(k)) or argmaxes is None):
+        return by_wnid("")
+    if not argmaxes:
+        raise VizError(f"--data {data.path}: has {k} classes, the checkpoint {num_classes}; cannot tell which "
+                       f"output is which class (--label-space folder: data class i is output i)")
+    n, below = len(argmaxes), sum(a < k for a in argmaxes)
+    targets = set(mapped[1]) if mapped is not None else set()
+    at_wnids = sum(a in targets for a in argmaxes)
+    evidence = f"of the model's top-1 predictions on {n} images, {below} are outputs 0-{k - 1}"
+    if mapped is not None:
+        evidence += f" and {at_wnids} the ImageNet indices of the data's wnids"
+    if below >= FOLDER_SHARE * n and below > at_wnids:
+        return replace(folder, note=f"folder order (data class i is output i): {evidence}; --label-space imagenet "
+                                    f"overrides" if mapped is not None else
+                                    f"folder order (data class i is output i; the class folders are not wnids of the "
+                                    f"model's classes): {evidence}")
+    if mapped is None:
+        raise VizError(f"--data {data.path}: has {k} classes, the checkpoint {num_classes}, and its class folders are "
+                       f"not wnids of the model's classes; {evidence}, too few for folder order: pass "
+                       f"--label-space folder to score output i as class i anyway")
+    return by_wnid(f": {evidence}; --label-space folder overrides")

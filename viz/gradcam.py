@@ -30,12 +30,12 @@ from preprocess.sources import ClassInfo  # noqa: F401  (re-exported: the classe
 from train.data import MEAN as IMAGENET_MEAN, STD as IMAGENET_STD  # noqa: F401  (re-exported for callers)
 from viz import evaluate as evaluation, loader
 from viz.cam import CAM_METHODS, cam_pairs, compute_cams  # noqa: F401
-from viz.datasets import ValData, match_model, open_data
+from viz.datasets import LABEL_SPACES, ValData, match_model, needs_evidence, open_data
 from viz.evaluate import Evaluation, Prediction  # noqa: F401
 from viz.render import GridRow, render_grid
 from viz.select import SELECT_MODES, find_class, select_mistakes
-from viz.weights import (DEFAULT_CROP_RATIO, DEFAULT_RES, WEIGHT_CHOICES, VizError, describe, flip_setting,
-                         load_model, precision_setting, val_batch_size, val_settings)
+from viz.weights import (DEFAULT_CROP_RATIO, DEFAULT_RES, WEIGHT_CHOICES, VizError, describe,  # noqa: F401
+                         flip_setting, load_model, precision_setting, val_batch_size, val_settings)
 
 
 @dataclass(frozen=True)
@@ -200,6 +200,11 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop-ratio", type=float, default=None,
                    help="crop side / resized shorter side (default: the checkpoint config's val.crop_ratio, else 0.875)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
+    p.add_argument("--label-space", default="auto", choices=LABEL_SPACES,
+                   help="when the data has fewer classes than the model: imagenet (each class folder's wnid -> its "
+                        "index in the model's class list, ImageNet-1k's for a 1000-output model without one) or "
+                        "folder (class i of the data -> output i, as a model trained on those folders); auto: "
+                        "decided from the model's predictions on the first 128 images, and printed (default auto)")
 
 
 def check_numbers(args: argparse.Namespace) -> None:
@@ -249,17 +254,73 @@ def prepare(checkpoint: str, *, num_classes: int | None, weights: str, blurpool:
     from train.engine import pick_precision
 
     loaded = load_model(checkpoint, num_classes, {"auto": None, "on": True, "off": False}[blurpool], weights)
-    config_res, config_ratio = val_settings(loaded.config)
-    flip = {"auto": flip_setting(loaded.config), "on": True, "off": False}[flip_tta]
+    card = loaded.card  # the file's own settings (its card, its config, its run folder's), else the defaults
+    flip = {"auto": card["flip_tta"], "on": True, "off": False}[flip_tta]
     torch_device = pick_device(device)
-    wanted = precision_setting(loaded.config) if precision == "auto" else precision
+    wanted = card["precision"] if precision == "auto" else precision
     try:
         amp_dtype = pick_precision(wanted, torch_device.type)
     except ValueError as exc:
         raise VizError(f"--precision {precision}: {exc}") from exc
     model = loaded.model.to(torch_device)
-    return Setup(loaded, model, res or config_res, crop_ratio or config_ratio, flip,
-                 batch_size or val_batch_size(loaded.config), amp_dtype, torch_device)
+    setup = Setup(loaded, model, res or card["val_res"], crop_ratio or card["crop_ratio"], flip,
+                  batch_size or card["val_batch_size"], amp_dtype, torch_device)
+    if loaded.assumed:
+        note = assumed_note(checkpoint, setup, flags={"--blurpool": blurpool != "auto", "--res": res is not None,
+                                                      "--crop-ratio": crop_ratio is not None,
+                                                      "--flip-tta": flip_tta != "auto"})
+        if note:
+            print(note)
+    return setup
+
+
+def assumed_note(checkpoint, setup: Setup, flags: dict[str, bool]) -> str:
+    """One line naming the settings assumed for a file that stores none ('' when flags gave them all)."""
+    parts = [(f"{setup.loaded.arch} {'with' if setup.loaded.blurpool else 'without'} BlurPool", "--blurpool"),
+             (f"val {setup.res} px", "--res"), (f"crop {setup.crop_ratio:g}", "--crop-ratio"),
+             ("flip-TTA" if setup.flip else "no flip-TTA", "--flip-tta")]
+    assumed = [text for text, flag in parts if not flags.get(flag)]
+    if not assumed:
+        return ""
+    given = [flag for _, flag in parts if flags.get(flag)]
+    return (f"no settings stored with {checkpoint}: assuming {', '.join(assumed)}"
+            + (f" ({', '.join(given)} as given)" if given else "")
+            + "; a BlurPool model needs its model.safetensors, checkpoint or run folder")
+
+
+def label_space_argmaxes(setup: Setup, data: ValData, *, threads: int, images: int = 128) -> list[int]:
+    """The model's top-1 class for the first `images` images of `data` (the evidence for --label-space auto)."""
+    from train.engine import eval_logits
+
+    dali_device = "gpu" if setup.device.type == "cuda" else "cpu"
+    batches = loader.batches(data, res=setup.res, crop_ratio=setup.crop_ratio,
+                             batch_size=min(setup.batch_size, images), device=dali_device, num_threads=threads,
+                             dtype=setup.amp_dtype or torch.float32, limit=images)
+    argmaxes = []
+    setup.model.eval()
+    with torch.inference_mode():
+        for batch in batches:
+            if batch.indices:
+                logits = eval_logits(setup.model, batch.images.to(setup.device), amp_dtype=setup.amp_dtype,
+                                     flip_tta=setup.flip)
+                argmaxes += logits.argmax(dim=1).tolist()
+    return argmaxes
+
+
+def match_labels(setup: Setup, data: ValData, label_space: str, *, threads: int) -> ValData:
+    """`data` with labels in the model's output space; when the data set has fewer classes than the model and
+    the space is not given, the model's own predictions decide it (printed, with the reason)."""
+    card_classes = setup.loaded.card.get("classes")
+    model_classes = [ClassInfo(c.get("wnid"), c.get("name") or c.get("wnid") or str(i))
+                     for i, c in enumerate(card_classes)] if card_classes else None
+    argmaxes = None
+    if label_space == "auto" and needs_evidence(data, setup.loaded.num_classes, model_classes):
+        argmaxes = label_space_argmaxes(setup, data, threads=threads)
+    matched = match_model(data, setup.loaded.num_classes, label_space=label_space, argmaxes=argmaxes,
+                          model_classes=model_classes)
+    if matched.note:
+        print(f"label space: {matched.note}")
+    return matched
 
 
 def run(args: argparse.Namespace) -> Report:
@@ -271,7 +332,7 @@ def run(args: argparse.Namespace) -> Report:
                     flip_tta=args.flip_tta, device=args.device, precision=args.precision,
                     batch_size=args.batch_size, res=args.res, crop_ratio=args.crop_ratio)
     loaded = setup.loaded
-    data = match_model(open_data(args.data), loaded.num_classes)
+    data = match_labels(setup, open_data(args.data), args.label_space, threads=max(1, args.workers))
     class_index = find_class(args.select[6:], data.classes) if args.select.startswith("class=") else None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -281,7 +342,8 @@ def run(args: argparse.Namespace) -> Report:
           f"{data.path}: {data.size} images" + (f" ({data.note})" if data.note else ""))
     meta = {"checkpoint": str(args.checkpoint), "data": str(args.data), "arch": loaded.arch,
             "blurpool": loaded.blurpool, "weights": loaded.weights, "select": args.select,
-            "method": args.method, "res": setup.res, "crop_ratio": setup.crop_ratio, "flip_tta": setup.flip}
+            "method": args.method, "res": setup.res, "crop_ratio": setup.crop_ratio, "flip_tta": setup.flip,
+            "label_space": data.note or "as the data set's"}
     return explain(setup.model, setup.model.layer4[-1], data, out, num_show=args.num_show, how=how, seed=args.seed,
                    class_index=class_index, method=args.method, res=setup.res, crop_ratio=setup.crop_ratio,
                    batch_size=setup.batch_size, limit=args.limit, workers=max(1, args.workers),

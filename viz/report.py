@@ -27,9 +27,9 @@ from PIL import Image
 
 from viz import evaluate as evaluation, loader, plots, render
 from viz.cam import CAM_METHODS, cam_pairs
-from viz.datasets import ValData, match_model, open_data
+from viz.datasets import ValData, open_data
 from viz.evaluate import Evaluation, Prediction
-from viz.gradcam import Setup, add_model_flags, check_numbers, prepare, run_evaluation
+from viz.gradcam import Setup, add_model_flags, check_numbers, match_labels, prepare, run_evaluation
 from viz.select import ClassScore, Confusion, confused_pairs, per_class, select_mistakes
 from viz.weights import VizError, describe
 
@@ -299,12 +299,13 @@ def default_checkpoint(run_dir: Path) -> Path:
     raise VizError(f"{run_dir}: no checkpoints/best.pt, model_final.pth or checkpoints/last.pt; pass --checkpoint")
 
 
-def fingerprint(checkpoint: Path, data_arg: str, setup: Setup) -> dict:
+def fingerprint(checkpoint: Path, data_arg: str, setup: Setup, data: ValData | None = None) -> dict:
     """What predictions.csv depends on: a saved file is reused only when all of it is equal."""
     stat = checkpoint.stat()
     return {"checkpoint": str(checkpoint.resolve()), "checkpoint_bytes": stat.st_size,
             "checkpoint_mtime": stat.st_mtime, "data": str(Path(data_arg).resolve()), "weights": setup.loaded.weights,
-            "blurpool": setup.loaded.blurpool}
+            "blurpool": setup.loaded.blurpool,
+            "label_map": list(data.label_map) if data is not None and data.label_map is not None else None}
 
 
 def evaluate_or_reuse(path: Path, setup: Setup, data: ValData, stamp: dict, *, limit: int | None, threads: int,
@@ -337,7 +338,7 @@ def build(args: argparse.Namespace) -> Path:
     setup = prepare(str(checkpoint), num_classes=None, weights=args.weights, blurpool=args.blurpool,
                     flip_tta=args.flip_tta, device=args.device, precision=args.precision,
                     batch_size=args.batch_size, res=args.res, crop_ratio=args.crop_ratio)
-    data = match_model(open_data(args.data), setup.loaded.num_classes)
+    data = match_labels(setup, open_data(args.data), args.label_space, threads=args.num_threads)
     files = out_dir / FILES
     try:
         files.mkdir(parents=True, exist_ok=True)
@@ -345,7 +346,7 @@ def build(args: argparse.Namespace) -> Path:
         raise VizError(f"--output {out_dir}: cannot create ({exc.strerror or exc})") from exc
     print(f"{describe(setup.loaded)} from {checkpoint}; {data.layout} data at {data.path}: {data.size} images")
     result, reused = evaluate_or_reuse(out_dir / "predictions.csv", setup, data,
-                                       fingerprint(checkpoint, args.data, setup), limit=args.limit,
+                                       fingerprint(checkpoint, args.data, setup, data), limit=args.limit,
                                        threads=args.num_threads, progress=not args.no_progress, fresh=args.fresh)
     print(("read back" if reused else "evaluated") + f": top-1 {result.top1:.2%}, top-5 {result.top5:.2%} on "
           f"{len(result.predictions)} images")
