@@ -1,9 +1,13 @@
-"""Checkpoints: atomic and weights_only-loadable; SIGKILL after a mid-epoch checkpoint and SIGTERM
-(exit 75) both resume to exactly the weights of an uninterrupted run (CPU, deterministic)."""
+"""Checkpoints: atomic and weights_only-loadable; SIGKILL after a mid-epoch checkpoint, SIGTERM and Ctrl-C
+(exit 75) all resume to exactly the weights of an uninterrupted run (CPU, deterministic); a checkpoint write
+that fails (file size limit) exits 4 with the previous checkpoint intact."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import resource
 import signal
 import subprocess
 from pathlib import Path
@@ -79,11 +83,68 @@ def test_sigterm_saves_and_exits_75_then_resumes(shards_dir, tmp_path, reference
     assert proc.returncode == 75, rest
     assert "stopped by SIGTERM" in rest
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] == 0 and 0 < state["step"] < 12  # stopped inside the first epoch: not a trivial resume
     assert {"model", "optimizer", "scaler", "ema", "ranks", "config", "epoch", "step"} <= set(state)
     assert state["config"]["checkpoint"]["every_steps"] == 4
     resumed = run(train_cmd(shards_dir, out, *RESUMABLE))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights(reference, out)
+
+
+def test_ctrl_c_saves_exits_75_without_a_traceback_then_resumes(shards_dir, tmp_path, reference):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(train_cmd(shards_dir, out, *RESUMABLE), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        wait_for_line(proc, "epoch 1/2: res")
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends its foreground group on Ctrl-C
+        rest, errors = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, errors[-3000:]
+    assert "stopped by SIGINT" in rest and "run the same command to resume" in rest
+    assert "Traceback" not in errors and "KeyboardInterrupt" not in errors
+    state = checkpoint.load(out / "checkpoints" / "last.pt")
+    assert state["epoch"] == 0 and 0 < state["step"] < 12  # the epoch in progress was saved, not lost
+    assert json.loads((out / "run.json").read_text())["state"] == "stopped"
+    resumed = run(train_cmd(shards_dir, out, *RESUMABLE))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"(epoch 1, step {state['step']})" in resumed.stdout
+    assert_same_weights(reference, out)
+
+
+def _file_size_limit(limit: int):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(shards_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = start(train_cmd(shards_dir, out, *RESUMABLE))
+    try:
+        wait_for_line(proc, "checkpoint: ")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    last = out / "checkpoints" / "last.pt"
+    before = hashlib.sha256(last.read_bytes()).hexdigest()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # 20 MB: logs and config fit, a ResNet-18 checkpoint (~90 MB) does not: as a full disk would
+    failed = subprocess.run(train_cmd(shards_dir, out, *RESUMABLE), cwd=ROOT, capture_output=True, text=True,
+                            env=env, timeout=600, preexec_fn=_file_size_limit(20_000_000))
+    assert failed.returncode == 4, failed.stderr[-3000:]
+    message = failed.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"train.main: error: could not write {last}") and "previous checkpoint is intact" in message
+    assert "Traceback" not in failed.stderr
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == before  # still the checkpoint from before
+    assert not [p.name for p in last.parent.iterdir() if ".tmp" in p.name]
+    assert json.loads((out / "run.json").read_text())["state"] == "failed"
+    resumed = run(train_cmd(shards_dir, out, *RESUMABLE))  # space again: it resumes from that checkpoint
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
 def test_save_atomic_leaves_no_partial_file(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ so `torch.load(path, weights_only=True)` reads it:
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -38,7 +39,12 @@ def save_atomic(obj: dict, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as exc:  # torch's zip writer reports a failed write (disk full, file size limit) so
+                free = shutil.disk_usage(path.parent).free
+                raise OSError(errno.EIO, f"write failed after {f.tell()} bytes, {free / 2**30:.2f} GiB free on the "
+                                         f"disk ({str(exc).splitlines()[0][:120]})") from exc
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

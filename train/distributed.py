@@ -7,6 +7,7 @@ Backend: NCCL on CUDA, gloo on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import inspect
 import os
@@ -62,18 +63,25 @@ def init_distributed(device_type: str, timeout: datetime.timedelta | None = None
     return DistInfo(rank, world_size, local_rank, local_world_size, device)
 
 
-def timeout_reason(exc: BaseException) -> str | None:
-    """'a collective timed out' (naming the operation where torch says it) for the errors gloo and NCCL raise
-    when another rank stops answering, or None for any other error."""
-    text = str(exc)
-    lower = text.lower()
-    if "timed out" not in lower and "timeout" not in lower and "connection closed by peer" not in lower \
-            and "connection reset" not in lower:
-        return None
-    for name in ("allreduce", "all_reduce", "broadcast", "allgather", "all_gather", "barrier"):
-        if name in lower:
-            return f"a collective ({name}) failed waiting for another rank"
-    return "a collective failed waiting for another rank"
+class CollectiveError(RuntimeError):
+    """A collective that failed because another rank stopped answering (dead, hung, or its link broke)."""
+
+
+_PEER_LOST = ("timed out", "timeout", "connection closed by peer", "connection reset", "broken pipe")
+
+
+@contextlib.contextmanager
+def _collective(name: str):
+    """Turns gloo's/NCCL's error for a lost peer into a CollectiveError that names the operation."""
+    try:
+        yield
+    except RuntimeError as exc:
+        text = str(exc).lower()
+        if not any(fragment in text for fragment in _PEER_LOST):
+            raise
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CollectiveError(f"{name} across {dist.get_world_size()} ranks failed waiting for another rank "
+                              f"({first})") from exc
 
 
 def shutdown() -> None:
@@ -88,7 +96,8 @@ def _active() -> bool:
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place sum or max over ranks."""
     if _active():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        with _collective("all_reduce"):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return tensor
 
 
@@ -109,8 +118,9 @@ def broadcast_buffers_(module: torch.nn.Module, src: int = 0) -> None:
     only at the start of a forward, so after the last step each rank holds its own: evaluate and save
     one model, not a mix of them."""
     if _active():
-        for buffer in module.buffers():
-            dist.broadcast(buffer, src=src)
+        with _collective("broadcast of the BatchNorm statistics"):
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=src)
 
 
 def all_gather_object(obj) -> list:
@@ -118,7 +128,8 @@ def all_gather_object(obj) -> list:
     if not _active():
         return [obj]
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    with _collective("all_gather_object"):
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -126,10 +137,12 @@ def broadcast_object(obj, src: int = 0):
     if not _active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with _collective("broadcast_object_list"):
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
 def barrier() -> None:
     if _active():
-        dist.barrier()
+        with _collective("barrier"):
+            dist.barrier()

@@ -12,7 +12,8 @@ RUN_DIR/run.json says what state the run is in (running, stopped, finished, fail
 
 Exit status: 0 finished; 2 bad command line, config, data folder, run folder, or not enough memory for the
 preset (one line on stderr); 3 the loss became NaN/inf (the message names the step and the last good
-checkpoint); 4 a checkpoint could not be written (disk full): the previous one is intact;
+checkpoint); 4 a checkpoint could not be written (disk full): the previous one is intact; 5 another rank
+stopped answering (dead or hung past --run.dist_timeout_s): resume from the last checkpoint;
 75 (EX_TEMPFAIL, "resume me") stopped by Ctrl-C, SIGTERM or SIGUSR1 after saving last.pt: run the same
 command again; 130 a second Ctrl-C quit without saving. Under torchrun, torchrun itself reports any
 non-zero worker status as a failure. docs/RELIABILITY.md lists every fault and what it leaves behind.
@@ -40,7 +41,7 @@ from train import checkpoint, config, distributed, engine, lifecycle, preflight,
 from train.config import Config, ConfigError
 from train.model import ModelEma, build_model, build_optimizer, plain_state_dict
 
-EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_SAVE_FAILED, EXIT_RESUME = 0, 2, 3, 4, 75
+EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_SAVE_FAILED, EXIT_COLLECTIVE, EXIT_RESUME = 0, 2, 3, 4, 5, 75
 EXIT_INTERRUPTED = checkpoint.EXIT_INTERRUPTED
 
 
@@ -50,10 +51,6 @@ class NonFiniteLoss(RuntimeError):
 
 class SaveFailed(RuntimeError):
     """A checkpoint could not be written; the message names it and the intact previous one."""
-
-
-class CollectiveTimeout(RuntimeError):
-    """Another rank stopped answering (dead or hung) for longer than run.dist_timeout_s."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -163,22 +160,20 @@ class Training:
             return self.fail(EXIT_DIVERGED, str(exc))
         except SaveFailed as exc:
             return self.fail(EXIT_SAVE_FAILED, str(exc))
-        except RuntimeError as exc:
-            reason = distributed.timeout_reason(exc)
-            if reason is None:
-                raise
-            return self.fail(EXIT_USAGE, f"{reason} after {self.cfg.run.dist_timeout_s:g} s "
-                                         f"(--run.dist_timeout_s): another rank is dead or hung; last checkpoint: "
-                                         f"{getattr(self, 'last_saved', 'none yet')}; run the same command to "
-                                         f"resume from it (torchrun --max-restarts=N does so by itself)")
+        except distributed.CollectiveError as exc:
+            where = f"epoch {getattr(self, 'epoch', 0) + 1}, step {getattr(self, 'step', 0)}"
+            return self.fail(EXIT_COLLECTIVE, f"rank {self.dist.rank}, {where}: {exc}; a rank is dead or hung "
+                                              f"(limit: --run.dist_timeout_s={self.cfg.run.dist_timeout_s:g}); last "
+                                              f"checkpoint: {getattr(self, 'last_saved', 'none yet')}; run the same "
+                                              f"command to resume from it (torchrun --max-restarts=N does so by itself)", every_rank=True)
         finally:
             if getattr(self, "train_loader", None) is not None:
                 self.train_loader.close()  # a pipeline built ahead for an epoch that will not run
             self.lock.release()
             distributed.shutdown()
 
-    def fail(self, status: int, message: str) -> int:
-        if self.dist.is_main:
+    def fail(self, status: int, message: str, every_rank: bool = False) -> int:
+        if self.dist.is_main or every_rank:  # a lost peer: whichever rank noticed says so
             print(f"train.main: error: {message}", file=sys.stderr)
             if self.started:
                 self.record_state("failed", exit=status, reason=message)
@@ -494,6 +489,15 @@ class Training:
             final = self.ema.module if self.ema is not None else self.model
             path = self.run_dir / "model_final.pth"
             checkpoint.save_atomic(plain_state_dict(final), path)
+            from train import artifact  # model.safetensors + config.json: the weights that say how to use them
+
+            last = self.history[-1] if self.history and "top1" in self.history[-1] else None  # of `final`
+            try:
+                artifact.write_model_files(self.run_dir, final, self.cfg, classes=self.manifest.get("classes"),
+                                           metrics=last, weights="ema" if self.ema is not None else "model")
+            except OSError as exc:
+                raise SaveFailed(f"could not write {self.run_dir / artifact.MODEL_FILE} ({exc.strerror or exc}); "
+                                 f"{path} is complete") from exc
             self.log.close()
             evaluated = [r for r in self.history if "top1" in r]
             if evaluated:
