@@ -76,6 +76,13 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
+def unreachable(exc: BaseException) -> bool:
+    """True when `exc` (or what caused it) says the server could not be reached at all."""
+    chain = _chain(exc)
+    names = {cls.__name__ for e in chain for cls in type(e).__mro__}
+    return bool(names & UNREACHABLE) or "TimeoutError" in names or any("ConnectTimeout" in str(e) for e in chain)
+
+
 def _reason(exc: BaseException, src: str) -> str:
     """The innermost useful message of `exc`'s chain, on one line, redacted, at most 160 characters."""
     for e in reversed(_chain(exc)):
@@ -124,10 +131,10 @@ def remote_problem(exc: BaseException, src: str, flag: str = "--src") -> str | N
                 f"(hf://datasets/OWNER/NAME/PATH) or {login}")
     if names & {"NoCredentialsError", "PartialCredentialsError", "NoAuthTokenError"}:
         return f"{where}: no AWS credentials found; {aws_keys}, or use an instance role"
-    if names & UNREACHABLE or "TimeoutError" in names or "ConnectTimeout" in text:
-        endpoint = " (HF_ENDPOINT is set)" if hub else " (and AWS_ENDPOINT_URL if set)"
-        return (f"{where}: cannot reach the server ({_reason(exc, src)}); check the network connection, proxy "
-                f"and endpoint{endpoint}, then re-run the same command")
+    if unreachable(exc):
+        endpoint = {"hf": ", and HF_ENDPOINT if set", "s3": ", and AWS_ENDPOINT_URL if set"}.get(scheme, "")
+        return (f"{where}: cannot reach the server ({_reason(exc, src)}); check the network connection and "
+                f"proxy{endpoint}, then re-run the same command")
     if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
         return (f"{where}: no such bucket; check the bucket name (and AWS_ENDPOINT_URL / the region if the "
                 f"bucket is not on AWS)")

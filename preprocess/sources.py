@@ -32,7 +32,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from preprocess.remote import RemoteError, check_url, explained, is_url, public_url  # noqa: F401  (re-exported)
+from preprocess.remote import (RemoteError, check_url, explained, is_url, public_url,  # noqa: F401  (re-exported)
+                               unreachable)
 
 HF_REPO = "ILSVRC/imagenet-1k"
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -180,7 +181,8 @@ class HFParquetSource:
             if split is not None:
                 self.by_split.setdefault(split, []).append(f)
         if not self.by_split:
-            raise SourceError(f"--src {public_url(src)}: parquet files found, but none named train-*/validation-*/test-* "
+            raise SourceError(f"--src {public_url(src)}: parquet files found, but none named "
+                              f"train-*/validation-*/test-* "
                               f"(e.g. {Path(self.files[0]).name}); name them by split as the HF release does")
         self.classes = self._read_classes(self.files[0])
 
@@ -241,7 +243,8 @@ def _list_rows(file: str) -> list[tuple]:
         for rg in range(pf.num_row_groups):
             table = pf.read_row_group(rg, columns=["image.path", "label"])
             paths = _leaf(table, "image", "path").to_pylist()
-            rows += [(path, label, rg, row) for row, (path, label) in enumerate(zip(paths, table.column("label").to_pylist()))]
+            labels = table.column("label").to_pylist()
+            rows += [(path, label, rg, row) for row, (path, label) in enumerate(zip(paths, labels))]
     return rows
 
 
@@ -274,6 +277,12 @@ def _list_remote_parquet(src: str) -> dict[str, dict]:
             found = {path: fs.info(path)}
         else:
             found = fs.find(path, detail=True)
+        if not found:
+            try:  # fsspec's HTTP file system answers "nothing there" for a server it cannot reach
+                fs.info(path)
+            except FileNotFoundError as exc:
+                if unreachable(exc):
+                    raise
     return {fs.unstrip_protocol(p): info for p, info in found.items() if p.endswith(".parquet")}
 
 
