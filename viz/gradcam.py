@@ -339,11 +339,11 @@ def run(args: argparse.Namespace) -> Report:
     except OSError as exc:
         raise VizError(f"--output {out}: cannot create {out.parent} ({exc.strerror or exc})") from exc
     print(f"{describe(loaded)} with {loaded.num_classes} classes from {args.checkpoint}; {data.layout} data at "
-          f"{data.path}: {data.size} images" + (f" ({data.note})" if data.note else ""))
+          f"{data.path}: {data.size} images")  # match_labels printed the label space
     meta = {"checkpoint": str(args.checkpoint), "data": str(args.data), "arch": loaded.arch,
             "blurpool": loaded.blurpool, "weights": loaded.weights, "select": args.select,
             "method": args.method, "res": setup.res, "crop_ratio": setup.crop_ratio, "flip_tta": setup.flip,
-            "label_space": data.note or "as the data set's"}
+            "label_space": data.note or "the data set's own"}
     return explain(setup.model, setup.model.layer4[-1], data, out, num_show=args.num_show, how=how, seed=args.seed,
                    class_index=class_index, method=args.method, res=setup.res, crop_ratio=setup.crop_ratio,
                    batch_size=setup.batch_size, limit=args.limit, workers=max(1, args.workers),
