@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import inspect
 import os
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -70,18 +71,31 @@ class CollectiveError(RuntimeError):
 _PEER_LOST = ("timed out", "timeout", "connection closed by peer", "connection reset", "broken pipe")
 
 
+def lost_peer(exc: BaseException, name: str | None = None) -> CollectiveError | None:
+    """A CollectiveError naming the operation when `exc` is gloo's/NCCL's error for a rank that stopped
+    answering (else None). Without a name, one is read off the traceback: DDP's gradient all-reduce runs
+    inside backward()."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or not any(f in text.lower() for f in _PEER_LOST):
+        return None
+    if name is None:
+        frames = {frame.name for frame in traceback.extract_tb(exc.__traceback__)}
+        name = "DDP's gradient all-reduce (backward)" if frames & {"backward", "_engine_run_backward"} \
+            else "a collective"
+    world = dist.get_world_size() if dist.is_initialized() else "?"
+    return CollectiveError(f"{name} across {world} ranks failed waiting for another rank "
+                           f"({text.strip().splitlines()[0][:160]})")
+
+
 @contextlib.contextmanager
 def _collective(name: str):
-    """Turns gloo's/NCCL's error for a lost peer into a CollectiveError that names the operation."""
     try:
         yield
     except RuntimeError as exc:
-        text = str(exc).lower()
-        if not any(fragment in text for fragment in _PEER_LOST):
+        lost = lost_peer(exc, name)
+        if lost is None:
             raise
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise CollectiveError(f"{name} across {dist.get_world_size()} ranks failed waiting for another rank "
-                              f"({first})") from exc
+        raise lost from exc
 
 
 def shutdown() -> None:

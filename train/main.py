@@ -160,12 +160,16 @@ class Training:
             return self.fail(EXIT_DIVERGED, str(exc))
         except SaveFailed as exc:
             return self.fail(EXIT_SAVE_FAILED, str(exc))
-        except distributed.CollectiveError as exc:
+        except RuntimeError as exc:
+            lost = exc if isinstance(exc, distributed.CollectiveError) else distributed.lost_peer(exc)
+            if lost is None:
+                raise
             where = f"epoch {getattr(self, 'epoch', 0) + 1}, step {getattr(self, 'step', 0)}"
-            return self.fail(EXIT_COLLECTIVE, f"rank {self.dist.rank}, {where}: {exc}; a rank is dead or hung "
+            return self.fail(EXIT_COLLECTIVE, f"rank {self.dist.rank}, {where}: {lost}; a rank is dead or hung "
                                               f"(limit: --run.dist_timeout_s={self.cfg.run.dist_timeout_s:g}); last "
                                               f"checkpoint: {getattr(self, 'last_saved', 'none yet')}; run the same "
-                                              f"command to resume from it (torchrun --max-restarts=N does so by itself)", every_rank=True)
+                                              f"command to resume from it (torchrun --max-restarts=N does so by "
+                                              f"itself)", every_rank=True)
         finally:
             if getattr(self, "train_loader", None) is not None:
                 self.train_loader.close()  # a pipeline built ahead for an epoch that will not run
