@@ -182,6 +182,8 @@ def test_torchrun_args_from_skypilot_nodes(fake_bin, tmp_path):
     (75, 0, 0, [], "resume"),         # the trainer run without torchrun
     (1, 0, 1, ["3"], "stop"),         # diverged: the same data would diverge again
     (1, 0, 0, ["2"], "stop"),         # bad config or data folder
+    (1, 0, 0, ["4"], "stop"),         # a checkpoint could not be written (disk full): a restart fails the same way
+    (1, 0, 1, ["5"], "resume"),       # a rank stopped answering: restart from the last checkpoint
     (1, 0, 1, ["1"], "resume"),       # a crash after saving a newer last.pt
     (1, 0, 0, ["-9"], "retry"),       # killed without progress: counts towards MAX_FAILURES
 ])

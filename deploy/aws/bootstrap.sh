@@ -294,7 +294,8 @@ next_action() {
   if (( rc == 0 )); then echo finished; return; fi
   if (( notice )); then echo spot; return; fi
   for code in "$rc" "$@"; do
-    if (( code == 2 || code == 3 )); then echo stop; return; fi  # bad config/data, or diverged: a rerun repeats it
+    # bad config/data/run folder, diverged, or a checkpoint that could not be written (disk full): a rerun repeats it
+    if (( code == 2 || code == 3 || code == 4 )); then echo stop; return; fi
   done
   for code in "$rc" "$@"; do
     if (( code == 75 )); then echo resume; return; fi

@@ -30,7 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # What a run folder needs to resume and to show results; see train/main.py for who writes what.
-RUN_PATTERNS = ("checkpoints/*.pt", "model_final.pth", "metrics.jsonl", "config.yaml", "*.png")
+RUN_PATTERNS = ("checkpoints/*.pt", "model_final.pth", "model.safetensors", "config.json", "run.json", "metrics.jsonl",
+                "config.yaml", "*.png")
 MTIME_KEY = "mtime-ns"
 WORKERS = 16  # parallel transfers; S3 throughput scales with concurrent requests
 
