@@ -14,9 +14,9 @@ from safetensors import safe_open
 
 from preprocess.manifest import load_manifest
 from tests.test_train import ROOT, metrics, run, train_cmd
-from train import artifact, config
+from train import artifact, config, export
 from train.model import build_model, load_model
-from viz import gradcam
+from viz import gradcam, loader
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -62,10 +62,17 @@ def test_run_writes_self_describing_weights(tiny_run, shards_dir):
     assert keys == set(final) and not any("blur" in k for k in keys)
 
 
-def test_copied_files_score_the_trainers_top1_image_by_image(tiny_run, shards_dir, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def in_run(tiny_run, shards_dir):
+    """viz's predictions for best.pt inside its run folder: the trainer's top-1, image by image."""
     record = metrics(tiny_run)[-1]
-    _, in_run = evaluate(tiny_run / "checkpoints" / "best.pt", shards_dir)
-    assert in_run.top1 == record["top1"] and len(in_run.predictions) == record["val_images"]
+    _, result = evaluate(tiny_run / "checkpoints" / "best.pt", shards_dir)
+    assert result.top1 == record["top1"] and len(result.predictions) == record["val_images"]
+    return result
+
+
+def test_copied_files_score_the_trainers_top1_image_by_image(tiny_run, in_run, shards_dir, tmp_path, capsys):
+    record = metrics(tiny_run)[-1]
     for name in (artifact.MODEL_FILE, "checkpoints/best.pt"):
         away = tmp_path / name.replace("/", "_") / (tiny_run / name).name
         away.parent.mkdir()
@@ -127,3 +134,44 @@ def test_weights_that_disagree_with_their_card_are_refused(tiny_run, tmp_path):
     save_file(state, str(tmp_path / artifact.MODEL_FILE), metadata=header)  # a 10-class card on 3-class weights
     with pytest.raises(artifact.ArtifactError, match="card says resnet18 with 10 classes"):
         artifact.load(tmp_path / artifact.MODEL_FILE)
+
+
+def exported_predictions(logits_of, card: dict, shards_dir) -> dict[str, int]:
+    """{key: top-1} of an exported model over the val split, fed as the card says (flip-TTA: mirror added)."""
+    data = gradcam.open_data(shards_dir)
+    predicted = {}
+    for batch in loader.batches(data, res=card["val_res"], crop_ratio=card["crop_ratio"],
+                                batch_size=card["val_batch_size"]):
+        images = batch.images.contiguous()
+        logits = logits_of(images)
+        if card["flip_tta"]:
+            logits = logits + logits_of(torch.flip(images, dims=[3]).contiguous())
+        predicted.update(zip(batch.keys, logits.argmax(dim=1).tolist()))
+    return predicted
+
+
+def test_export_onnx_and_pt2_predict_as_the_trainer(tiny_run, in_run, shards_dir, tmp_path, capsys):
+    onnxruntime = pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime, onnxscript) "
+                                                            "is not installed")
+    assert export.main([str(tiny_run), "--out", str(tmp_path / "export")]) == 0
+    assert "onnxruntime check" in capsys.readouterr().out
+    card = json.loads((tmp_path / "export" / artifact.CARD_FILE).read_text())
+    assert card == json.loads((tiny_run / artifact.CARD_FILE).read_text())
+    expected = {p.key: p.predicted for p in in_run.predictions}
+    session = onnxruntime.InferenceSession(str(tmp_path / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert exported_predictions(lambda x: torch.from_numpy(session.run(["logits"], {"images": x.numpy()})[0]),
+                                card, shards_dir) == expected
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["blurpool"]) is True and json.loads(meta["val_res"]) == 64
+    program = torch.export.load(str(tmp_path / "export" / "model.pt2")).module()
+    with torch.no_grad():
+        assert exported_predictions(program, card, shards_dir) == expected
+    copied = load_model(tmp_path / "export" / artifact.MODEL_FILE)
+    assert copied.card == card
+
+
+def test_export_refuses_bad_requests(tiny_run, tmp_path, capsys):
+    assert export.main([str(tiny_run), "--out", str(tmp_path), "--format", "tflite"]) == 2
+    assert "--format tflite: expected some of safetensors,onnx,pt2" in capsys.readouterr().err
+    assert export.main([str(tmp_path / "nothing"), "--out", str(tmp_path)]) == 2
+    assert "nothing: no such file" in capsys.readouterr().err

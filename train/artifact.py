@@ -114,18 +114,25 @@ def write_model_files(run_dir: str | Path, model: nn.Module, cfg, *, classes, me
 
     cfg: the run's Config (or its nested dict); classes: the manifest's [{index, wnid, name}] list;
     metrics: the trainer's last validation record of exactly these weights (None: not validated)."""
-    from safetensors.torch import save_file
-
     from train.config import to_dict
 
     config = cfg if isinstance(cfg, dict) else to_dict(cfg)
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    state = model.state_dict()
     architecture = detect_arch(state) or _section(config, "model").get("arch", "unknown")
     classes = sorted(classes, key=lambda c: c.get("index", 0)) if classes else None
     card = card_from_config(config, architecture=architecture, num_classes=int(state["fc.weight"].shape[0]),
                             classes=classes, metrics=metrics, weights=weights, commit_id=commit())
-    run_dir = Path(run_dir)
-    path, card_path = run_dir / MODEL_FILE, run_dir / CARD_FILE
+    return save(run_dir, model, card)
+
+
+def save(folder: str | Path, model: nn.Module, card: dict) -> Path:
+    """FOLDER/model.safetensors with `card` in its header, and FOLDER/config.json; each written atomically."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path, card_path = folder / MODEL_FILE, folder / CARD_FILE
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     card_tmp = card_path.with_name(f".{card_path.name}.tmp{os.getpid()}")
     try:
