@@ -194,12 +194,31 @@ def test_damaged_shards_are_refused_before_training(shards_dir, tmp_path):
     raw = bytearray(tar.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # same size, other bytes: only the checksum sees it
     tar.write_bytes(bytes(raw))
-    proc = run(train_cmd(data, tmp_path / "run", *ONE_EPOCH, "--data.verify=sha256"))
+    proc = run(train_cmd(data, tmp_path / "run", *ONE_EPOCH))  # checksums are checked by default
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"{tar}: SHA-256 differs" in last_line(proc) and "re-run `python -m preprocess.shard`" in last_line(proc)
     tar.write_bytes(bytes(raw[:-1000]))  # truncated (a partial copy): the default size check sees it
     proc = run(train_cmd(data, tmp_path / "run", *ONE_EPOCH))
     assert proc.returncode == 2 and f"{tar}: " in last_line(proc) and "manifest says" in last_line(proc)
+
+
+def test_verified_shards_are_remembered_by_size_and_mtime(shards_dir, tmp_path, monkeypatch):
+    from preprocess.manifest import load_manifest
+
+    data = tmp_path / "shards"
+    shutil.copytree(shards_dir, data)
+    manifest = load_manifest(data)
+    bad, good = preflight.verify_checksums(data, manifest)
+    assert not bad and len(good) == sum(len(manifest["splits"][s]["shards"]) for s in ("train", "val"))
+    halves = [preflight.verify_checksums(data, manifest, part, 2)[1] for part in (0, 1)]
+    assert not halves[0].keys() & halves[1].keys() and {**halves[0], **halves[1]} == good  # a split of the work
+    preflight.write_verified(data, good)
+    monkeypatch.setattr(preflight, "file_sha256", lambda path: pytest.fail(f"{path} was read again"))
+    assert preflight.verify_checksums(data, manifest, verified=preflight.read_verified(data)) == ([], good)
+    tar = sorted((data / "val").glob("*.tar"))[0]
+    tar.write_bytes(tar.read_bytes())  # same bytes, new mtime: read again
+    monkeypatch.setattr(preflight, "file_sha256", lambda path: manifest["splits"]["val"]["shards"][0]["sha256"])
+    assert not preflight.verify_checksums(data, manifest, verified=preflight.read_verified(data))[0]
 
 
 @pytest.fixture(scope="module")

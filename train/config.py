@@ -60,9 +60,10 @@ class DataConfig:
                        "random_resized_crop: the fallback for GPUs where the fused mixed decoder fails), auto (fused, "
                        "checked in a child process on a GPU; split if that or the first batch fails)",
                        choices=("auto", "fused", "split"))
-    verify: str = _opt("size", "before training, check every shard against manifest.json: size (byte counts, "
-                       "instant) or sha256 (also the checksums; reads every shard once, see docs/RELIABILITY.md)",
-                       choices=("size", "sha256"))
+    verify: str = _opt("sha256", "before training, check every shard against manifest.json: sha256 (sizes and "
+                       "checksums; a shard is read once per copy, then remembered in SHARDS/.verified.json by size "
+                       "and mtime; ~1 s per GiB per process, see docs/RELIABILITY.md) or size (byte counts only: a "
+                       "damaged JPEG of the same size can crash DALI's decoder mid-run)", choices=("sha256", "size"))
 
 
 @dataclass(frozen=True)

@@ -277,13 +277,22 @@ class Training:
                 raise ConfigError(problem)
         if cfg.data.verify == "sha256":
             start = time.perf_counter()
-            mine = preflight.verify_checksums(self.data_dir, self.manifest, dist.local_rank, dist.local_world_size)
-            bad = [line for lines in distributed.all_gather_object(mine) for line in lines]
+            verified = preflight.read_verified(self.data_dir)
+            mine = preflight.verify_checksums(self.data_dir, self.manifest, dist.local_rank, dist.local_world_size,
+                                              verified)
+            results = distributed.all_gather_object(mine)
+            bad = [line for lines, _good in results for line in lines]
+            checked = {tar: seen for _bad, good in results for tar, seen in good.items()}
+            if dist.local_rank == 0 and checked != {k: v for k, v in verified.items() if k in checked}:
+                preflight.write_verified(self.data_dir, {**verified, **checked})
             if bad:
                 raise DatasetError(f"{bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
                                    + f"; re-run `python -m preprocess.shard` with the same arguments: it redoes "
                                    f"just the damaged shards")
-            self.say(f"data: every shard matches its SHA-256 in the manifest ({time.perf_counter() - start:.1f} s)")
+            read = len(checked) - sum(1 for k, v in checked.items() if verified.get(k) == v)
+            self.say(f"data: every shard matches its SHA-256 in the manifest ({read} read, "
+                     f"{len(checked) - read} remembered from {preflight.VERIFIED_FILE}; "
+                     f"{time.perf_counter() - start:.1f} s)")
 
     def resume(self, state: dict) -> None:
         try:

@@ -15,6 +15,7 @@ process first and refuses in one line with the fix. The estimate:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -143,14 +144,48 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def verify_checksums(data_dir: Path, manifest: dict, part: int = 0, parts: int = 1) -> list[str]:
-    """One line per shard whose SHA-256 differs from the manifest's, of this process's share (every
-    `parts`-th shard from `part`): the processes of a node check their node's copy together."""
-    bad = []
-    shards = [(split, entry, tar) for split in ("train", "val")
+VERIFIED_FILE = ".verified.json"  # in the shard folder: {tar path: [size, mtime_ns, sha256]} of shards checked
+
+
+def read_verified(data_dir: Path) -> dict:
+    try:
+        cache = json.loads((Path(data_dir) / VERIFIED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def write_verified(data_dir: Path, cache: dict) -> None:
+    """Remember verified shards; a read-only shard folder just means checking again next time."""
+    path = Path(data_dir) / VERIFIED_FILE
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(cache, indent=0, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def verify_checksums(data_dir: Path, manifest: dict, part: int = 0, parts: int = 1,
+                     verified: dict | None = None) -> tuple[list[str], dict]:
+    """(one line per shard whose SHA-256 differs from the manifest's, {tar: [size, mtime_ns, sha256]} of the
+    shards found good) for this process's share: every `parts`-th shard from `part`, so the processes of a
+    node check their node's copy together. A shard in `verified` with the same size, mtime and checksum as
+    the manifest's is not read again."""
+    bad, good = [], {}
+    verified = verified or {}
+    shards = [(entry, tar) for split in ("train", "val")
               for entry, (tar, _idx) in zip(manifest["splits"][split]["shards"], split_shards(data_dir, split, manifest))]
-    for split, entry, tar in shards[part::parts]:
-        if entry.get("sha256") and file_sha256(tar) != entry["sha256"]:
+    for entry, tar in shards[part::parts]:
+        if not entry.get("sha256"):
+            continue
+        stat = tar.stat()
+        seen = [stat.st_size, stat.st_mtime_ns, entry["sha256"]]
+        if verified.get(str(tar)) == seen:
+            good[str(tar)] = seen
+        elif file_sha256(tar) == entry["sha256"]:
+            good[str(tar)] = seen
+        else:
             bad.append(f"{tar}: SHA-256 differs from {Path(data_dir) / 'manifest.json'} (changed or damaged after "
                        f"preprocess.shard)")
-    return bad
+    return bad, good
