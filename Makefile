@@ -26,11 +26,15 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 install: $(BIN)/.installed
 
 # Synthetic ImageNet-schema parquet -> WebDataset shards -> ResNet-50 training on the CPU (a few minutes on
-# 2 cores) -> top-1 -> Grad-CAM grid of the most confident mistakes + training curves. Re-running resumes.
+# 2 cores) -> top-1 -> Grad-CAM grid of the most confident mistakes + training curves. Re-running resumes a
+# stopped run and keeps a finished one.
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m preprocess.synthetic --out $(DEMO)/parquet
 	HF_HUB_OFFLINE=1 $(BIN)/python -m preprocess.shard --src $(DEMO)/parquet --out $(DEMO)/shards --images-per-shard 250
-	$(BIN)/python -m train.main --data $(DEMO)/shards --out $(DEMO)/run --config smoke
+	@# a finished run is never trained over (train.main refuses it): a re-run keeps it and redraws the figures
+	@if grep -qs '"state": "finished"' $(DEMO)/run/run.json; then \
+		echo "$(DEMO)/run finished earlier: kept as it is (make clean-demo, then make demo, to train it again)"; \
+	else $(BIN)/python -m train.main --data $(DEMO)/shards --out $(DEMO)/run --config smoke; fi
 	$(BIN)/python -m viz.gradcam --checkpoint $(DEMO)/run/checkpoints/best.pt --data $(DEMO)/shards \
 		--output $(DEMO)/gradcam.png --num-show 6
 	$(BIN)/python -m viz.plots $(DEMO)/run --output $(DEMO)/curves.png
