@@ -89,3 +89,5 @@ def test_non_finite_loss_stops_with_the_step(shards_dir, tmp_path):
     assert "Traceback" not in proc.stderr
     last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    state = json.loads((out / "run.json").read_text())  # the folder says why it stopped
+    assert state["state"] == "failed" and state["exit"] == 3 and "non-finite loss" in state["reason"]

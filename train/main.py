@@ -249,17 +249,18 @@ class Training:
     def open_run(self) -> lifecycle.Plan:
         """Collective: rank 0 locks RUN_DIR and decides (new, resume, refuse); every rank follows."""
         self.fingerprint = data_fingerprint(self.manifest)
-        error = None
+        error, plan = None, None
         if self.dist.is_main:
             try:
                 self.lock.acquire()
-                lifecycle.plan(self.run_dir, self.cfg, self.fingerprint)
+                plan = lifecycle.plan(self.run_dir, self.cfg, self.fingerprint)
             except ConfigError as exc:
                 error = str(exc)
         error = distributed.broadcast_object(error)
         if error:
             raise ConfigError(error)
-        plan = lifecycle.plan(self.run_dir, self.cfg, self.fingerprint)  # the same answer on every rank
+        if plan is None:  # the other ranks read the same folder: the same answer, and the checkpoint to resume
+            plan = lifecycle.plan(self.run_dir, self.cfg, self.fingerprint)
         for note in plan.notes:
             self.say(note)
         return plan

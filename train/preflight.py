@@ -113,9 +113,11 @@ def _cgroup_limit() -> int | None:
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        stat = dict(line.split() for line in Path("/sys/fs/cgroup/memory.stat").read_text().splitlines())
     except (OSError, ValueError):
         return None
-    return None if limit == "max" else max(int(limit) - used, 0)
+    reclaimable = int(stat.get("inactive_file", 0))  # page cache the kernel drops before it OOM-kills
+    return None if limit == "max" else max(int(limit) - used + reclaimable, 0)
 
 
 def memory_problem(estimate: dict[str, int], available: tuple[int, str], cfg: Config, device_type: str) -> str | None:
