@@ -126,6 +126,40 @@ def test_blurred_strided_conv_is_blur_then_the_same_conv():
     assert torch.allclose(BlurConv2d.from_conv(conv)(x), conv(blurred), atol=1e-6)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_blurpool_keeps_dilation_groups_padding_mode_and_bias(bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 3, stride=2, padding=2, dilation=2, groups=2, bias=bias, padding_mode="reflect")
+    blur = BlurConv2d.from_conv(conv)
+    assert (blur.dilation, blur.groups, blur.padding_mode) == ((2, 2), 2, "reflect") and (blur.bias is None) != bias
+    x = torch.randn(2, 16, 12, 12)
+    blurred = nn.functional.conv2d(x, BINOMIAL.expand(16, 1, 3, 3), padding=1, groups=16)
+    assert torch.allclose(blur(x), conv(blurred), atol=1e-6)
+
+
+def test_build_model_sizes_the_head_and_zero_inits_the_residual_gammas():
+    model = build_model(ModelConfig(arch="resnet50", blurpool=False, zero_init_residual=True), num_classes=7)
+    assert model.fc.out_features == 7
+    last_gammas = [block.bn3.weight for stage in (model.layer1, model.layer2, model.layer3, model.layer4)
+                   for block in stage]
+    assert len(last_gammas) == 16 and all(torch.count_nonzero(g) == 0 for g in last_gammas)
+    plain = build_model(ModelConfig(arch="resnet50", blurpool=False, zero_init_residual=False), num_classes=7)
+    assert all(torch.all(block.bn3.weight == 1) for block in plain.layer1)
+
+
+def test_plain_state_dict_is_a_contiguous_cpu_copy():
+    from train.model import plain_state_dict
+
+    model = build_model(ModelConfig(arch="resnet18", blurpool=True), num_classes=3).to(memory_format=torch.channels_last)
+    plain = plain_state_dict(model)
+    assert plain.keys() == model.state_dict().keys()
+    assert not model.conv1.weight.is_contiguous() and all(t.is_contiguous() and t.device.type == "cpu"
+                                                          for t in plain.values())
+    assert all(torch.equal(plain[k], v) for k, v in model.state_dict().items())
+    assert plain["conv1.weight"].data_ptr() != model.conv1.weight.data_ptr()
+    assert not any(t.requires_grad for t in plain.values())
+
+
 # ----------------------------------------------------------------------------- EMA
 
 class Scalar(nn.Module):
@@ -149,6 +183,7 @@ def test_ema_update_against_a_hand_computation():
         got.append(ema.module.w.item())
         assert ema.module.count.item() == 10 * w  # buffers are copied, not averaged
     assert got == pytest.approx([9 / 11, 75 / 44, 372 / 143], rel=1e-12)
+    assert not any(p.requires_grad for p in ema.module.parameters())  # a copy to average into, not to train
     ema.updates = 10_000  # (1 + n) / (10 + n) > 0.99: the configured decay caps it
     with torch.no_grad():
         model.w.fill_(103.0)
