@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     rows = [{"stage": name, "seconds": round(seconds, 1)} for name, seconds in stages]
     rows.append({"stage": "total", "seconds": round(sum(s for _, s in stages), 1)})
     mean_rate = sum(m["images_per_s"] for m in metrics) / len(metrics)
-    summary = (f"final top-1 {100 * last['top1']:.2f}% (top-5 {100 * last['top5']:.2f}%) on {last['val_images']} val "
+    top5 = f"{100 * last['top5']:.2f}%" if "top5" in last else "n/a"  # n/a: 5 classes or fewer
+    summary = (f"final top-1 {100 * last['top1']:.2f}% (top-5 {top5}) on {last['val_images']} val "
                f"images after {last['epoch']} epochs; training {mean_rate:.0f} images/s averaged over epochs")
     for row in rows:
         print(f"{row['stage']:>16}: {row['seconds']:8.1f} s")

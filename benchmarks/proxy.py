@@ -123,7 +123,7 @@ def summarize(metrics: list[dict], *, name: str, res: int, wall_seconds: float, 
     return {
         "run": name, "epochs": epochs, "train px": f"{metrics[0]['resolution']}->{metrics[-1]['resolution']}",
         "val px": res, "top-1 %": f"{100 * last[key]:.1f}",
-        "top-5 %": "" if raw_weights else f"{100 * last['top5']:.1f}",
+        "top-5 %": "" if raw_weights else (f"{100 * last['top5']:.1f}" if "top5" in last else "n/a"),
         "fastai 128 px top-1 %": board if board is not None else "-",
         "wall s": _wall(wall_seconds, resumed, raw_weights),
         "train images/s": round(images / max(train_seconds, 1e-9), 1),

@@ -58,8 +58,9 @@ def activation_bytes_per_image(cfg_model, num_classes: int, res: int) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(torch.empty(1, 3, res, res, device="meta"))
-    return sum(saved.values())
+        # two images: BatchNorm in training mode refuses one image at a 1x1 feature map (small resolutions)
+        model(torch.empty(2, 3, res, res, device="meta"))
+    return sum(saved.values()) // 2
 
 
 def estimate_memory(cfg: Config, num_classes: int, *, amp_dtype: torch.dtype | None, max_side: int,
