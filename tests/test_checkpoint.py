@@ -50,8 +50,7 @@ def assert_same_weights(run_a: Path, run_b: Path) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(shards_dir, tmp_path, reference):
-    out = tmp_path / "run"
+def kill_after_first_checkpoint(shards_dir: Path, out: Path) -> None:
     proc = start(train_cmd(shards_dir, out, *RESUMABLE))
     try:
         wait_for_line(proc, "checkpoint: ")
@@ -60,6 +59,11 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(shards_dir, tmp_path, re
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(shards_dir, tmp_path, reference):
+    out = tmp_path / "run"
+    kill_after_first_checkpoint(shards_dir, out)
     state = checkpoint.load(out / "checkpoints" / "last.pt")
     assert state["epoch"] == 0 and state["step"] > 0  # killed after a mid-epoch checkpoint of the first epoch
     resumed = run(train_cmd(shards_dir, out, *RESUMABLE))
@@ -123,13 +127,7 @@ def _file_size_limit(limit: int):
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(shards_dir, tmp_path):
     out = tmp_path / "run"
-    proc = start(train_cmd(shards_dir, out, *RESUMABLE))
-    try:
-        wait_for_line(proc, "checkpoint: ")
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_after_first_checkpoint(shards_dir, out)
     last = out / "checkpoints" / "last.pt"
     before = hashlib.sha256(last.read_bytes()).hexdigest()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

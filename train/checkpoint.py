@@ -65,6 +65,16 @@ def copy_atomic(src: Path, dst: Path) -> None:
     _fsync_dir(Path(dst).parent)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """A small text file replaced in one rename: readers see the old or the new contents, never a part."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def link_atomic(src: Path, dst: Path) -> None:
     """`dst` becomes another name of `src`'s current file (no copy; `src` is later replaced by rename, so
     `dst` keeps these bytes); a copy where the filesystem has no hard links."""

@@ -76,7 +76,7 @@ def export_onnx(model: torch.nn.Module, card: dict, path: Path) -> float:
 def export_pt2(model: torch.nn.Module, card: dict, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(model, (_example(card),), dynamic_shapes=({0: batch},))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")  # torch.export.save wants a .pt2 name
     try:
         torch.export.save(program, str(tmp), extra_files={"config.json": json.dumps(card)})
         os.replace(tmp, path)

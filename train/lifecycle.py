@@ -90,10 +90,7 @@ def write_state(run_dir: Path, state: str, **facts) -> None:
     """RUN_DIR/run.json: the state and what led to it (written atomically; rank 0 only)."""
     record = {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(),
               "host": socket.gethostname(), **facts}
-    path = Path(run_dir) / STATE_FILE
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
+    checkpoint.write_text_atomic(Path(run_dir) / STATE_FILE, json.dumps(record, indent=1) + "\n")
 
 
 def finished_epochs(run_dir: Path, saved: dict | None) -> int | None:

@@ -239,7 +239,7 @@ class Training:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             header = (f"resolved config of this run; global batch {self.global_batch} on {dist.world_size} "
                       f"process(es), peak lr {self.peak_lr:g}\ndata: {self.data_dir.resolve()}")
-            write_text_atomic(self.run_dir / "config.yaml", config.dump_yaml(cfg, header))
+            checkpoint.write_text_atomic(self.run_dir / "config.yaml", config.dump_yaml(cfg, header))
             self.log = engine.MetricsLog(self.run_dir, self.history, tensorboard=cfg.run.tensorboard,
                                          first_step=self.global_step)
         self.record_state("running")
@@ -287,9 +287,9 @@ class Training:
             if dist.local_rank == 0 and checked != {k: v for k, v in verified.items() if k in checked}:
                 preflight.write_verified(self.data_dir, {**verified, **checked})
             if bad:
-                raise DatasetError(f"{bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
-                                   + f"; re-run `python -m preprocess.shard` with the same arguments: it redoes "
-                                   f"just the damaged shards")
+                more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+                raise DatasetError(f"{bad[0]}{more}; re-run `python -m preprocess.shard` with the same arguments: "
+                                   f"it redoes just the damaged shards")
             read = len(checked) - sum(1 for k, v in checked.items() if verified.get(k) == v)
             self.say(f"data: every shard matches its SHA-256 in the manifest ({read} read, "
                      f"{len(checked) - read} remembered from {preflight.VERIFIED_FILE}; "
@@ -592,12 +592,6 @@ def configure_runtime(run: config.RunConfig, local_processes: int) -> None:
     if run.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def format_seconds(seconds: float) -> str:

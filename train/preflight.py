@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from preprocess.manifest import split_shards
+from train import checkpoint
 from train.config import Config
 
 GIB = 2**30
@@ -160,13 +161,10 @@ def read_verified(data_dir: Path) -> dict:
 
 def write_verified(data_dir: Path, cache: dict) -> None:
     """Remember verified shards; a read-only shard folder just means checking again next time."""
-    path = Path(data_dir) / VERIFIED_FILE
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(cache, indent=0, sort_keys=True))
-        os.replace(tmp, path)
+        checkpoint.write_text_atomic(Path(data_dir) / VERIFIED_FILE, json.dumps(cache, indent=0, sort_keys=True))
     except OSError:
-        tmp.unlink(missing_ok=True)
+        pass
 
 
 def verify_checksums(data_dir: Path, manifest: dict, part: int = 0, parts: int = 1,
