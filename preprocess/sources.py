@@ -410,7 +410,7 @@ def _with_unique_keys(refs: list[SampleRef]) -> list[SampleRef]:
 
 
 def default_hf_src() -> str:
-    """Where `huggingface-cli download ILSVRC/imagenet-1k --repo-type dataset` left the parquet files."""
+    """Where `hf download ILSVRC/imagenet-1k --repo-type dataset` left the parquet files."""
     try:
         from huggingface_hub import snapshot_download
 
@@ -418,8 +418,8 @@ def default_hf_src() -> str:
     except Exception as exc:
         raise SourceError(
             f"no --src given and {HF_REPO} is not in the local Hugging Face cache ({type(exc).__name__}). "
-            f"Accept the terms at https://huggingface.co/datasets/{HF_REPO}, run `huggingface-cli login`, then "
-            f"`huggingface-cli download {HF_REPO} --repo-type dataset` (~160 GB), or pass --src DIR") from exc
+            f"Accept the terms at https://huggingface.co/datasets/{HF_REPO}, run `hf auth login`, then "
+            f"`hf download {HF_REPO} --repo-type dataset` (~160 GB), or pass --src DIR") from exc
 
 
 def open_source(src: str | None, fmt: str = "auto"):

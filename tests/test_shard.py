@@ -269,8 +269,8 @@ def test_missing_hf_cache_says_how_to_download(tmp_path):
     result = subprocess.run([sys.executable, "-m", "preprocess.shard", "--out", str(tmp_path / "out")], cwd=ROOT,
                             capture_output=True, text=True, env=env)
     assert result.returncode == 2
-    assert "huggingface-cli download ILSVRC/imagenet-1k" in result.stderr
-    assert "huggingface-cli login" in result.stderr
+    assert "hf download ILSVRC/imagenet-1k" in result.stderr
+    assert "hf auth login" in result.stderr
 
 
 def test_shards_dir_fixture_matches_its_manifest(shards_dir):
