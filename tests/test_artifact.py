@@ -81,6 +81,8 @@ def test_copied_files_score_the_trainers_top1_image_by_image(tiny_run, in_run, s
         assert setup.loaded.blurpool and (setup.res, setup.flip, setup.batch_size) == (64, True, 35), name
         assert [(p.key, p.predicted) for p in copied.predictions] == [(p.key, p.predicted) for p in in_run.predictions]
         assert copied.top1 == record["top1"], name
+        names = [c["name"] for c in load_model(away).card["classes"]]  # the class names travel with the file
+        assert names == [c["name"] for c in load_manifest(shards_dir)["classes"]], name
     assert "no settings stored" not in capsys.readouterr().out
 
 

@@ -260,6 +260,8 @@ def _pick_state(obj, path: Path, weights: str) -> tuple[dict, dict | None, str, 
             raise ArtifactError("weights", "ema", f"{path} holds no EMA weights (the run had ema.enabled=false)")
         if has_ema and weights in ("auto", "ema"):
             state, chosen = ema["model"], "ema"
+        if isinstance(obj.get("classes"), list):  # the shards' class list, stored in every checkpoint
+            info["classes"] = obj["classes"]
         history = obj.get("history")
         # Saved at an epoch end (step 0): the last record's top-1 was measured on these very weights
         # (the EMA ones when the run had EMA).
@@ -340,8 +342,10 @@ def load(path: str | Path, *, weights: str = "auto", blurpool: bool | None = Non
             info.update(trainer_top1=card["top1"], trainer_top5=card.get("top5"),
                         trainer_images=card.get("val_images"), epoch=card.get("epoch"))
     else:  # a checkpoint's config (or its run's config.yaml); the class list of the run's config.json
-        card = card_from_config(config, architecture=arch, num_classes=num_classes, weights=chosen)
-        card["classes"] = beside.get("classes") if beside is not None else None
+        ordered = sorted(info.pop("classes", None) or [], key=lambda c: c.get("index", 0))
+        card = card_from_config(config, architecture=arch, num_classes=num_classes, weights=chosen, classes=ordered)
+        if beside is not None:
+            card["classes"] = beside.get("classes")
     card = {**card_from_config(None, architecture=arch, num_classes=num_classes), **card}  # every key present
     if card["architecture"] != arch or card["num_classes"] != num_classes:
         raise ArtifactError("checkpoint", path, f"its card says {card['architecture']} with {card['num_classes']} "

@@ -3,9 +3,11 @@
     python -m train.main --data SHARDS --out RUN_DIR [--config rn50|smoke|file.yaml] [--section.key=value ...]
 
 Outputs in RUN_DIR: config.yaml (the resolved config), metrics.jsonl (one line per epoch), tensorboard/,
-checkpoints/last.pt (every epoch end, every checkpoint.every_minutes / every_steps, and on SIGTERM/SIGUSR1),
-checkpoints/best.pt (best top-1) and, at the end, model_final.pth: a plain torchvision state_dict
-(`torchvision.models.resnet50(num_classes=N).load_state_dict(torch.load(path))`).
+checkpoints/last.pt (every epoch end, every checkpoint.every_minutes / every_steps, and on Ctrl-C/SIGTERM/
+SIGUSR1), checkpoints/best.pt (best top-1), checkpoints/epoch-NNN.pt (the last checkpoint.keep epoch ends), run.json
+(the run's state) and, at the end, model.safetensors + config.json (the weights with how they were built and
+evaluated) and model_final.pth (the same weights as a plain state_dict: with BlurPool, a plain torchvision
+ResNet loads it but computes another network; `train.model.load_model(RUN_DIR)` builds the right one).
 Re-running the same command on the same RUN_DIR resumes from checkpoints/last.pt; a finished run, or one
 whose settings differ from its checkpoint's, is refused unless --run.resume=force (train/lifecycle.py).
 RUN_DIR/run.json says what state the run is in (running, stopped, finished, failed) and why.
@@ -37,7 +39,7 @@ import torch
 from torch import nn
 
 from preprocess.manifest import DatasetError, class_sorted_problem, load_manifest, split_shards
-from train import checkpoint, config, distributed, engine, lifecycle, preflight, schedule
+from train import artifact, checkpoint, config, distributed, engine, lifecycle, preflight, schedule
 from train.config import Config, ConfigError
 from train.model import ModelEma, build_model, build_optimizer, plain_state_dict
 
@@ -503,8 +505,6 @@ class Training:
             final = self.ema.module if self.ema is not None else self.model
             path = self.run_dir / "model_final.pth"
             checkpoint.save_atomic(plain_state_dict(final), path)
-            from train import artifact  # model.safetensors + config.json: the weights that say how to use them
-
             last = self.history[-1] if self.history and "top1" in self.history[-1] else None  # of `final`
             try:
                 artifact.write_model_files(self.run_dir, final, self.cfg, classes=self.manifest.get("classes"),
@@ -552,6 +552,7 @@ class Training:
                 "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "ranks": ranks, "best_top1": self.best_top1, "history": self.history,
                 "config": config.to_dict(self.cfg), "data_fingerprint": self.fingerprint,
+                "classes": self.manifest.get("classes"),  # so a copied best.pt names its classes
             }
             try:
                 checkpoint.save_atomic(state, path)
