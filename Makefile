@@ -66,7 +66,7 @@ mutation-%: | $(BIN)/.installed
 	@test -n "$(MUTANTS_$*)" || { echo "make mutation: no MUTANTS_$* (known: $(MUTATE))"; exit 2; }
 	$(BIN)/pip install -q 'mutmut>=3.8,<4'
 	rm -rf $(MUTATION_DIR)/$* && mkdir -p $(MUTATION_DIR)/$*
-	git archive HEAD | tar -x -C $(MUTATION_DIR)/$*
+	git archive HEAD | tar -x -C $(MUTATION_DIR)/$* && git rev-parse --short HEAD > $(MUTATION_DIR)/$*/COMMIT
 	printf '%s\n' '' '[mutmut]' 'source_paths =' '    train' '    viz' '    preprocess' 'also_copy =' '    benchmarks' \
 		'only_mutate = $(firstword $(MUTANTS_$*))' 'pytest_add_cli_args_test_selection =' \
 		 $(patsubst %,'    %',$(wordlist 2,99,$(MUTANTS_$*))) \
@@ -74,4 +74,4 @@ mutation-%: | $(BIN)/.installed
 	cd $(MUTATION_DIR)/$* && HF_HUB_OFFLINE=1 $(abspath $(BIN))/mutmut run --max-children $(or $(JOBS),1)
 	cd $(MUTATION_DIR)/$* && $(abspath $(BIN))/mutmut export-cicd-stats && $(abspath $(BIN))/mutmut results --all true \
 		| tee results.txt | grep -v ': killed$$' || true
-	@echo "$* ($(firstword $(MUTANTS_$*))) at $$(git rev-parse --short HEAD): $$(cat $(MUTATION_DIR)/$*/mutants/mutmut-cicd-stats.json)"
+	@echo "$* ($(firstword $(MUTANTS_$*))) at $$(cat $(MUTATION_DIR)/$*/COMMIT): $$(cat $(MUTATION_DIR)/$*/mutants/mutmut-cicd-stats.json)"
