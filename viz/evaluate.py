@@ -58,7 +58,10 @@ class Evaluation:
         return sum(p.correct for p in self.predictions) / max(len(self.predictions), 1)
 
     @property
-    def top5(self) -> float:
+    def top5(self) -> float | None:
+        """None for a model with 5 outputs or fewer: every label is then in its top 5."""
+        if (self.meta.get("outputs") or TOP_K + 1) <= TOP_K:
+            return None
         return sum(p.top5_correct for p in self.predictions) / max(len(self.predictions), 1)
 
     @property
@@ -67,9 +70,15 @@ class Evaluation:
 
     def summary(self) -> dict:
         n = len(self.predictions)
-        return {"images": n, "skipped": len(self.skipped), "top1": round(self.top1, 6), "top5": round(self.top5, 6),
+        top5 = None if self.top5 is None else round(self.top5, 6)
+        return {"images": n, "skipped": len(self.skipped), "top1": round(self.top1, 6), "top5": top5,
+                "outputs": self.meta.get("outputs"),
                 "correct": n - self.mistakes, "seconds": round(self.seconds, 3),
                 "images_per_s": round(n / self.seconds, 1) if self.seconds > 0 else None}
+
+
+def format_top5(value: float | None) -> str:
+    return "n/a (5 outputs or fewer)" if value is None else f"{value:.2%}"
 
 
 def predict(model: torch.nn.Module, batches, *, device: torch.device, amp_dtype: torch.dtype | None = None,
@@ -78,7 +87,7 @@ def predict(model: torch.nn.Module, batches, *, device: torch.device, amp_dtype:
 
     Probabilities are the softmax of the mean logits (of the image and, with `flip`, its mirror)."""
     model.eval()
-    predictions, skipped = [], []
+    predictions, skipped, outputs = [], [], None
     start = time.perf_counter()
     with torch.inference_mode(), tqdm(total=total, unit="img", desc="evaluating", disable=not progress,
                                       dynamic_ncols=True, smoothing=0.1) as bar:
@@ -90,6 +99,7 @@ def predict(model: torch.nn.Module, batches, *, device: torch.device, amp_dtype:
             images = batch.images.to(device, non_blocking=True)  # channels_last strides, as the trainer's
             logits = eval_logits(model, images, amp_dtype=amp_dtype, flip_tta=flip)
             probs = torch.softmax(logits / 2 if flip else logits, dim=1).cpu()
+            outputs = probs.shape[1]
             top_probs, top = probs.topk(min(TOP_K, probs.shape[1]), dim=1)
             labels = torch.tensor(batch.labels)
             true_prob = probs[torch.arange(len(labels)), labels]
@@ -97,7 +107,8 @@ def predict(model: torch.nn.Module, batches, *, device: torch.device, amp_dtype:
                 predictions.append(Prediction(index, key, label, int(top[i, 0]), float(top_probs[i, 0]),
                                               float(true_prob[i]), tuple(top[i].tolist()),
                                               tuple(top_probs[i].tolist())))
-    return Evaluation(sorted(predictions, key=lambda p: p.index), skipped, time.perf_counter() - start)
+    return Evaluation(sorted(predictions, key=lambda p: p.index), skipped, time.perf_counter() - start,
+                      {"outputs": outputs})
 
 
 def precision_name(amp_dtype: torch.dtype | None) -> str:

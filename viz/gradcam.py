@@ -31,7 +31,7 @@ from train.data import MEAN as IMAGENET_MEAN, STD as IMAGENET_STD  # noqa: F401 
 from viz import evaluate as evaluation, loader
 from viz.cam import CAM_METHODS, cam_pairs, compute_cams  # noqa: F401
 from viz.datasets import LABEL_SPACES, ValData, match_model, needs_evidence, open_data
-from viz.evaluate import Evaluation, Prediction  # noqa: F401
+from viz.evaluate import Evaluation, Prediction, format_top5  # noqa: F401
 from viz.render import GridRow, render_grid
 from viz.select import SELECT_MODES, find_class, select_mistakes
 from viz.weights import (DEFAULT_CROP_RATIO, DEFAULT_RES, WEIGHT_CHOICES, VizError, describe,  # noqa: F401
@@ -367,7 +367,7 @@ def main(argv=None) -> int:
     summary = report.evaluation.summary()
     speed = f", {summary['images_per_s']:.0f} images/s" if summary["images_per_s"] else ""
     print(f"top-1 {report.top1:.2%} ({report.evaluated - report.mistakes}/{report.evaluated} images), "
-          f"top-5 {report.evaluation.top5:.2%}{speed}{skipped}")
+          f"top-5 {format_top5(report.evaluation.top5)}{speed}{skipped}")
     if not report.selected:
         print("no misclassified images to show" + (f" for --select {args.select}" if args.select != "confident" else ""))
     else:

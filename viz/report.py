@@ -28,7 +28,7 @@ from PIL import Image
 from viz import evaluate as evaluation, loader, plots, render
 from viz.cam import CAM_METHODS, cam_pairs
 from viz.datasets import ValData, open_data
-from viz.evaluate import Evaluation, Prediction
+from viz.evaluate import Evaluation, Prediction, format_top5
 from viz.gradcam import Setup, add_model_flags, check_numbers, match_labels, prepare, run_evaluation
 from viz.select import ClassScore, Confusion, confused_pairs, per_class, select_mistakes
 from viz.weights import VizError, describe
@@ -348,8 +348,8 @@ def build(args: argparse.Namespace) -> Path:
     result, reused = evaluate_or_reuse(out_dir / "predictions.csv", setup, data,
                                        fingerprint(checkpoint, args.data, setup, data), limit=args.limit,
                                        threads=args.num_threads, progress=not args.no_progress, fresh=args.fresh)
-    print(("read back" if reused else "evaluated") + f": top-1 {result.top1:.2%}, top-5 {result.top5:.2%} on "
-          f"{len(result.predictions)} images")
+    print(("read back" if reused else "evaluated") + f": top-1 {result.top1:.2%}, top-5 "
+          f"{format_top5(result.top5)} on {len(result.predictions)} images")
     findings = find(result.predictions, num_show=args.num_show, num_classes=args.classes, num_pairs=args.pairs)
     strips = draw_pictures(setup, data, findings, files, method=args.method, threads=args.num_threads)
     records = []
