@@ -58,7 +58,11 @@ MUTANTS_model      = train/model.py tests/test_recipe.py tests/test_model_step.p
 MUTANTS_checkpoint = train/checkpoint.py tests/test_checkpoint.py::test_save_atomic_leaves_no_partial_file \
 	tests/test_checkpoint.py::test_stop_signals_set_a_flag_and_restore_the_handlers \
 	tests/test_checkpoint.py::test_rng_state_round_trips_through_weights_only
-MUTANTS_datasets   = viz/datasets.py tests/test_gradcam.py
+MUTANTS_datasets   = viz/datasets.py tests/test_recipe_datasets.py tests/test_label_space.py \
+	$(addprefix tests/test_gradcam.py::test_,tiny_imagenet_val_maps_to_imagenet_classes \
+	tiny_imagenet_labels_are_the_imagenet_indices_of_their_wnids imagefolder_labels_are_the_imagenet_indices_of_their_wnids \
+	imagefolder_uses_the_train_class_list unknown_layout_is_an_error class_count_of_checkpoint_and_data_must_agree \
+	flip_averaging_uses_the_mirror)
 
 mutation: $(addprefix mutation-,$(MUTATE))
 
