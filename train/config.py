@@ -45,6 +45,10 @@ class ModelConfig:
     zero_init_residual: bool = _opt(False, "start the last BatchNorm gamma of each residual block at 0")
     channels_last: bool = _opt(True, "NHWC memory format for weights and activations (faster tensor cores)")
     compile: bool = _opt(False, "torch.compile the training model (minutes of compile time per resolution)")
+    init: str = _opt("", "start a new run from these weights (weights only; optimizer, schedule and data order start "
+                     "fresh): model.safetensors, a checkpoint, model_final.pth, a run folder, or 'torchvision' "
+                     "(its ImageNet weights from the torch cache, never downloaded); a classifier with another class "
+                     "count is replaced. Resuming a run (all state) needs no flag: re-run the same command")
 
 
 @dataclass(frozen=True)
@@ -329,7 +333,8 @@ def dump_yaml(cfg: Config, header: str = "") -> str:
 # Keys that change speed, logging or safety nets but not the weights a run ends with: a stopped run resumes
 # with new values of these without --run.resume=force (docs/RECIPES.md lists them).
 RESUME_SAFE = frozenset({
-    "data.num_threads", "data.decode", "data.verify", "model.compile", "val.batch_size", "val.every_epochs",
+    "data.num_threads", "data.decode", "data.verify", "model.compile", "model.init", "val.batch_size",
+    "val.every_epochs",
     "checkpoint.every_minutes", "checkpoint.every_steps", "checkpoint.keep", "run.threads", "run.sync_every",
     "run.tensorboard", "run.deterministic", "run.resume", "run.memory_check", "run.dist_timeout_s",
 })

@@ -41,7 +41,7 @@ from torch import nn
 from preprocess.manifest import DatasetError, class_sorted_problem, load_manifest, split_shards
 from train import artifact, checkpoint, config, distributed, engine, lifecycle, preflight, schedule
 from train.config import Config, ConfigError
-from train.model import ModelEma, build_model, build_optimizer, plain_state_dict
+from train.model import ModelEma, build_model, build_optimizer, init_weights, plain_state_dict
 
 EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_SAVE_FAILED, EXIT_COLLECTIVE, EXIT_RESUME = 0, 2, 3, 4, 5, 75
 EXIT_INTERRUPTED = checkpoint.EXIT_INTERRUPTED
@@ -202,6 +202,11 @@ class Training:
         self.peak_lr = schedule.peak_lr(cfg.optim.lr_per_256, self.global_batch, cfg.optim.lr)
         memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.model = build_model(cfg.model, self.num_classes).to(self.device, memory_format=memory_format)
+        if cfg.model.init and plan.checkpoint is None:  # a resumed run has all its state: init only seeds a start
+            try:
+                self.say("model.init: " + init_weights(self.model, cfg.model.init, cfg.model.arch))
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
         self.ema = ModelEma(self.model, cfg.ema.decay) if cfg.ema.enabled else None
         self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr)
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.amp_dtype == torch.float16)

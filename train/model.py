@@ -10,6 +10,7 @@ error, and that computes another network (the demo model: 87.33 % becomes 60.00 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +87,48 @@ def load_model(path, *, weights: str = "auto") -> nn.Module:
     from train import artifact  # it imports this module
 
     return artifact.load_model(path, weights=weights)
+
+
+# torchvision's ImageNet weights per architecture (the ones `--model.init=torchvision` takes from the torch cache)
+TORCHVISION_WEIGHTS = {"resnet50": "ResNet50_Weights.IMAGENET1K_V2", "resnet18": "ResNet18_Weights.IMAGENET1K_V1"}
+
+
+def init_weights(model: nn.Module, source: str, arch: str) -> str:
+    """Load the weights of `source` into a model about to be trained (weights only: the optimizer, schedule
+    and data order start fresh). `source`: any file our loader reads (model.safetensors, a checkpoint,
+    model_final.pth, a run folder) or "torchvision" (its ImageNet weights, only from the torch cache: never
+    downloaded here). A classifier of another class count is left at its fresh init. Returns what was done,
+    in one line; raises ValueError (one line) for a file that does not fit."""
+    if source == "torchvision":
+        name = TORCHVISION_WEIGHTS[arch]
+        weights = torchvision.models.get_weight(name)
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        if not cached.is_file():
+            raise ValueError(f"--model.init=torchvision: {cached} is not in the torch cache and nothing is downloaded "
+                             f"here; fetch it once where there is a network (python -c \"import torchvision; "
+                             f"torchvision.models.{name}.get_state_dict()\") or pass a file")
+        state, origin = torch.load(cached, map_location="cpu", weights_only=True), f"torchvision {name} ({cached})"
+    else:
+        from train import artifact  # it imports this module
+
+        try:
+            loaded = artifact.load(source)
+        except artifact.ArtifactError as exc:
+            raise ValueError(f"--model.init={source}: {exc}") from exc
+        if loaded.arch != arch:
+            raise ValueError(f"--model.init={source}: holds a {loaded.arch}, this run builds a {arch} "
+                             f"(--model.arch={loaded.arch} to start from it)")
+        state, origin = loaded.model.state_dict(), f"{source} ({loaded.arch}, {loaded.num_classes} classes)"
+    own = model.state_dict()
+    head = [k for k in ("fc.weight", "fc.bias") if k in state and state[k].shape != own[k].shape]
+    wrong = [k for k in own if k in state and k not in head and state[k].shape != own[k].shape]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    if wrong or missing:
+        raise ValueError(f"--model.init={source}: does not fit this {arch} ({len(wrong)} tensors of another shape, "
+                         f"{len(missing)} missing, e.g. {(wrong + missing)[0]})")
+    model.load_state_dict({k: v for k, v in state.items() if k in own and k not in head}, strict=False)
+    kept = "a new classifier for this data's classes" if head else "its classifier too"
+    return f"weights from {origin}; {kept}; optimizer, learning-rate schedule and data order start fresh"
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
