@@ -240,3 +240,31 @@ def test_one_class_is_refused_and_top5_is_na_for_3_classes(few_class_shards, tmp
     record = metrics(tmp_path / "three")[-1]
     assert "top1" in record and "top5" not in record
     assert "top-5 n/a (5 classes or fewer)" in proc.stdout
+
+
+# -- flags users type, and what a run leaves to read ---------------------------------------------------
+
+def test_timm_and_torchvision_flags():
+    from train.main import parse_args
+
+    _, overrides = parse_args(["--data", "d", "--out", "o", "--epochs", "3", "--batch-size=8", "--lr", "0.5",
+                               "--workers", "2", "--seed=4"])
+    assert overrides == ["schedule.epochs=3", "data.batch_size=8", "optim.lr=0.5", "data.num_threads=2",
+                         "run.seed=4"]
+    for flag, fragment in (("--resume", "resumes by itself"), ("--amp", "--run.precision"),
+                           ("--pretrained", "--model.init=torchvision")):
+        with pytest.raises(ConfigError, match=fragment):
+            parse_args(["--data", "d", "--out", "o", flag, "x"])
+
+
+def test_a_run_leaves_log_txt_summary_csv_and_an_end_of_run_block(few_class_shards, tmp_path):
+    out = tmp_path / "run"
+    proc = run(train_cmd(few_class_shards[3], out, "--schedule.epochs=2", "--val.every_epochs=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "run finished: 2 epochs" in proc.stdout and f"next: python -m viz.report {out}" in proc.stdout
+    log = (out / "log.txt").read_text()
+    assert "$ python -m train.main" in log and "final top-1" in log and "\r" not in log  # no progress redraws
+    rows = [line.split(",") for line in (out / "summary.csv").read_text().splitlines()]
+    assert rows[0][:5] == ["epoch", "train_loss", "eval_top1", "eval_top5", "lr"]
+    assert [r[0] for r in rows[1:]] == ["1", "2"] and rows[1][2] == ""  # epoch 1 was not validated
+    assert float(rows[2][2]) == pytest.approx(100 * metrics(out)[-1]["top1"]) and rows[2][3] == ""  # top-5: n/a

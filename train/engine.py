@@ -165,8 +165,15 @@ def evaluate(model: nn.Module, batches: Iterable, *, device: torch.device, amp_d
     return {"top1": correct1 / max(count, 1), "top5": correct5 / max(count, 1), "images": count}
 
 
+SUMMARY_COLUMNS = {  # summary.csv column: metrics.jsonl key (timm's names where timm has the column)
+    "epoch": "epoch", "train_loss": "train_loss", "eval_top1": "top1", "eval_top5": "top5", "lr": "lr",
+    "resolution": "resolution", "images_per_s": "images_per_s", "train_seconds": "seconds",
+    "eval_seconds": "eval_seconds"}
+
+
 class MetricsLog:
-    """RUN_DIR/metrics.jsonl (one JSON object per epoch) and, when available, TensorBoard scalars.
+    """RUN_DIR/metrics.jsonl (one JSON object per epoch), RUN_DIR/summary.csv (the same as a table: top-1/top-5 in
+    percent, blank on epochs without validation) and, when available, TensorBoard scalars.
 
     On resume the file is rewritten from the checkpoint's history, so an epoch that finished after
     the last checkpoint is not listed twice; TensorBoard events past `first_step` are purged.
@@ -177,6 +184,8 @@ class MetricsLog:
         tmp = self.path.with_name(".metrics.jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
         os.replace(tmp, self.path)
+        self.records = list(history)
+        self.write_summary()
         self.writer = None
         if tensorboard:
             try:
@@ -186,9 +195,25 @@ class MetricsLog:
             else:
                 self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=first_step)
 
+    def write_summary(self) -> None:
+        rows = [",".join(SUMMARY_COLUMNS)]
+        for record in self.records:
+            cells = []
+            for column, key in SUMMARY_COLUMNS.items():
+                value = record.get(key)
+                if value is not None and key in ("top1", "top5"):
+                    value = round(100 * value, 4)
+                cells.append("" if value is None else str(value))
+            rows.append(",".join(cells))
+        tmp = self.path.with_name(".summary.csv.tmp")
+        tmp.write_text("\n".join(rows) + "\n")
+        os.replace(tmp, self.path.with_name("summary.csv"))
+
     def append(self, record: dict, global_step: int) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.records.append(record)
+        self.write_summary()
         if self.writer is not None:
             for key, value in record.items():
                 if key != "epoch" and isinstance(value, (int, float)):

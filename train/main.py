@@ -60,12 +60,28 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+# The flags timm's and the torchvision references' users type, as the config keys they mean.
+ALIASES = {"--epochs": "schedule.epochs", "--batch-size": "data.batch_size", "--lr": "optim.lr",
+           "--workers": "data.num_threads", "-j": "data.num_threads", "--seed": "run.seed", "--device": "run.device"}
+# Flags of those scripts that mean something else here: one line that says what to type instead.
+NOT_HERE = {
+    "--resume": "train.main resumes by itself: re-run the same command (same --out); to start a new run from "
+                "weights use --model.init=PATH",
+    "--amp": "mixed precision is already on where it helps (--run.precision=auto: bf16, or fp16 + GradScaler, on "
+             "GPUs; fp32 on the CPU); --run.precision=bf16|fp16|fp32 picks one",
+    "--pretrained": "use --model.init=torchvision (from the torch cache) or --model.init=PATH",
+    "--output": "the run folder is --out RUN_DIR",
+}
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    """The fixed flags, plus `section.key=value` strings from every `--section.key[=]value`."""
+    """The fixed flags, plus `section.key=value` strings from every `--section.key[=]value` (and the ALIASES)."""
+    aliases = "\n".join(f"  {flag:<13} --{key}" for flag, key in ALIASES.items())
     parser = _Parser(prog="python -m train.main", allow_abbrev=False,
                      formatter_class=argparse.RawDescriptionHelpFormatter,
                      description=__doc__.split("\n\n", 2)[1].strip(),
-                     epilog="config keys (default shown; a preset overrides some):\n" + config.describe())
+                     epilog=f"short flags (--lr is the peak for the whole global batch, as FFCV and timm state it):\n"
+                            f"{aliases}\n\nconfig keys (default shown; a preset overrides some):\n" + config.describe())
     parser.add_argument("--data", required=True, type=Path, help="shard folder written by `python -m preprocess.shard`")
     parser.add_argument("--out", required=True, type=Path, help="run folder (created; an existing one is resumed)")
     parser.add_argument("--config", default="rn50", help=f"preset ({', '.join(config.presets())}) or a YAML file")
@@ -73,6 +89,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     overrides, i = [], 0
     while i < len(rest):
         token = rest[i]
+        flag = token.split("=", 1)[0]
+        if flag in NOT_HERE:
+            raise ConfigError(f"{flag}: {NOT_HERE[flag]}")
+        if flag in ALIASES:
+            token = f"--{ALIASES[flag]}" + token[len(flag):]
         if not token.startswith("--") or "." not in token.split("=", 1)[0]:
             raise ConfigError(f"unrecognized argument {token!r} (config overrides look like --optim.lr_per_256=0.2)")
         if "=" in token:
@@ -144,6 +165,7 @@ class Training:
         self.last_path = self.run_dir / "checkpoints" / "last.pt"
         self.best_path = self.run_dir / "checkpoints" / "best.pt"
         self.lock = lifecycle.RunLock(self.run_dir)
+        self.began = time.monotonic()
         self.started = False  # whether this process got as far as recording the run as running
 
     def execute(self) -> int:
@@ -181,6 +203,8 @@ class Training:
     def fail(self, status: int, message: str, every_rank: bool = False) -> int:
         if self.dist.is_main or every_rank:  # a lost peer: whichever rank noticed says so
             print(f"train.main: error: {message}", file=sys.stderr)
+        if self.dist.is_main:
+            self.log_line(f"error: {message}")
             if self.started:
                 self.record_state("failed", exit=status, reason=message)
         return status
@@ -244,6 +268,8 @@ class Training:
             self.train_model = torch.compile(self.train_model, dynamic=False)
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.log_txt = self.run_dir / "log.txt"  # the console's lines, without progress-bar redraws
+            self.log_line(f"$ python -m train.main {' '.join(sys.argv[1:])}")
             header = (f"resolved config of this run; global batch {self.global_batch} on {dist.world_size} "
                       f"process(es), peak lr {self.peak_lr:g}\ndata: {self.data_dir.resolve()}")
             checkpoint.write_text_atomic(self.run_dir / "config.yaml", config.dump_yaml(cfg, header))
@@ -524,8 +550,25 @@ class Training:
                 top5 = f"{100 * r['top5']:.2f}%" if "top5" in r else "n/a"
                 self.say(f"final top-1: {100 * r['top1']:.2f}% (top-5 {top5}, "
                          f"{r['val_images']} val images, epoch {r['epoch']}); weights: {path}")
+            self.say(self.end_of_run(evaluated))
         distributed.barrier()
         return EXIT_OK
+
+    def end_of_run(self, evaluated: list[dict]) -> str:
+        """What the run took and left, and what to run next."""
+        train = sum(r.get("seconds", 0.0) for r in self.history)
+        val = sum(r.get("eval_seconds", 0.0) for r in self.history)
+        lines = [f"run finished: {len(self.history)} epochs, training {format_seconds(train)} + validation "
+                 f"{format_seconds(val)} (all sessions; this one {format_seconds(time.monotonic() - self.began)})"]
+        if evaluated:
+            best = max(evaluated, key=lambda r: r["top1"])
+            lines.append(f"top-1: best {100 * best['top1']:.2f}% (epoch {best['epoch']}), last "
+                         f"{100 * evaluated[-1]['top1']:.2f}% (epoch {evaluated[-1]['epoch']})")
+        files = [self.run_dir / name for name in (artifact.MODEL_FILE, "config.json", "model_final.pth",
+                                                    "checkpoints/best.pt", "metrics.jsonl", "summary.csv", "log.txt")]
+        lines.append("files: " + ", ".join(str(f) for f in files if f.exists()))
+        lines.append(f"next: python -m viz.report {self.run_dir} --data {self.data_dir}")
+        return "\n".join(lines)
 
     def stop_requested(self) -> bool:
         """Collective: did any rank get SIGTERM/SIGUSR1?"""
@@ -577,12 +620,19 @@ class Training:
         self.say(f"checkpoint: {self.last_saved}")
 
     def say(self, message: str) -> None:
+        """A line for the console and, once the run folder exists, RUN_DIR/log.txt (rank 0)."""
         if self.dist.is_main:
             if getattr(self, "bar", None) is not None:
                 self.bar.write(message, file=sys.stdout)
             else:
                 print(message, flush=True)
             sys.stdout.flush()
+            self.log_line(message)
+
+    def log_line(self, message: str) -> None:
+        if getattr(self, "log_txt", None) is not None:
+            with open(self.log_txt, "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
 
 def configure_runtime(run: config.RunConfig, local_processes: int) -> None:
