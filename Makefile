@@ -55,7 +55,8 @@ MUTATION_DIR ?= build/mutation
 MUTATE       ?= schedule model checkpoint datasets
 MUTANTS_schedule   = train/schedule.py tests/test_schedule.py
 MUTANTS_model      = train/model.py tests/test_recipe.py tests/test_model_step.py
-MUTANTS_checkpoint = train/checkpoint.py tests/test_checkpoint.py::test_save_atomic_leaves_no_partial_file \
+MUTANTS_checkpoint = train/checkpoint.py tests/test_recipe_checkpoint.py \
+	tests/test_checkpoint.py::test_save_atomic_leaves_no_partial_file \
 	tests/test_checkpoint.py::test_stop_signals_set_a_flag_and_restore_the_handlers \
 	tests/test_checkpoint.py::test_rng_state_round_trips_through_weights_only
 MUTANTS_datasets   = viz/datasets.py tests/test_recipe_datasets.py tests/test_label_space.py \

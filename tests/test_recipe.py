@@ -150,7 +150,8 @@ def test_build_model_sizes_the_head_and_zero_inits_the_residual_gammas():
 def test_plain_state_dict_is_a_contiguous_cpu_copy():
     from train.model import plain_state_dict
 
-    model = build_model(ModelConfig(arch="resnet18", blurpool=True), num_classes=3).to(memory_format=torch.channels_last)
+    model = build_model(ModelConfig(arch="resnet18", blurpool=True), num_classes=3)
+    model = model.to(memory_format=torch.channels_last)
     plain = plain_state_dict(model)
     assert plain.keys() == model.state_dict().keys()
     assert not model.conv1.weight.is_contiguous() and all(t.is_contiguous() and t.device.type == "cpu"
