@@ -180,3 +180,27 @@ def test_rng_state_round_trips_through_weights_only(tmp_path):
     checkpoint.restore_rng(checkpoint.load(tmp_path / "rng.pt")["rng"], device)
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], again[0]) and (expected[1] == again[1]).all() and expected[2] == again[2]
+
+
+def test_accumulated_steps_resume_bit_identically(shards_dir, tmp_path):
+    """--optim.accum_steps=2: the global batch doubles (so does the peak LR), an epoch has half the optimizer
+    steps, and a SIGKILL after a mid-epoch checkpoint resumes to the weights of an uninterrupted run."""
+    accum = [*RESUMABLE, "--optim.accum_steps=2", "--schedule.epochs=1"]
+    whole = tmp_path / "whole"
+    proc = run(train_cmd(shards_dir, whole, *accum))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "6 steps of 32 images" in proc.stdout  # 12 batches of 16 per epoch -> 6 optimizer steps of 2 x 16
+    assert metrics(whole)[-1]["step"] == 6
+    out = tmp_path / "run"
+    proc = start(train_cmd(shards_dir, out, *accum))
+    try:
+        wait_for_line(proc, "checkpoint: ")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    state = checkpoint.load(out / "checkpoints" / "last.pt")
+    assert state["epoch"] == 0 and state["step"] == 4 and state["ranks"][0]["data"]["step"] == 8  # batches, not steps
+    resumed = run(train_cmd(shards_dir, out, *accum))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(whole, out)

@@ -93,3 +93,35 @@ def test_logged_images_per_second_leaves_out_the_first_step():
     restored = engine.TrainMeter(torch.device("cpu"))
     restored.load_state_dict(meter.state_dict())
     assert restored.steady_images == 24 and restored.steady_seconds == meter.steady_seconds
+
+
+def test_accumulating_two_half_batches_is_one_full_batch_step():
+    """optim.accum_steps: N micro-batches of B give the weights of one batch of N x B (no BatchNorm here, whose
+    statistics would see each micro-batch alone)."""
+    from torch import nn
+
+    from train import engine
+
+    def run(batch_size: int, accum: int) -> dict:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
+        generator = torch.Generator().manual_seed(1)
+        images, labels = torch.randn(16, 3, 8, 8, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+        batches = [(images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, 16, batch_size)]
+        meter = engine.TrainMeter(torch.device("cpu"))
+        engine.train_one_epoch(model, batches, optimizer, criterion=nn.CrossEntropyLoss(label_smoothing=0.1),
+                               scaler=torch.amp.GradScaler("cpu", enabled=False), amp_dtype=None,
+                               device=torch.device("cpu"), lr_at_step=lambda step: 0.5 / (1 + step),
+                               first_global_step=0, meter=meter, accum_steps=accum)
+        return {"weights": model.state_dict(), "steps": meter.steps, "images": meter.images,
+                "loss": meter.loss_sum.item()}
+
+    whole, halves = run(8, 1), run(4, 2)
+    assert (whole["steps"], whole["images"]) == (halves["steps"], halves["images"]) == (2, 16)
+    assert halves["loss"] == pytest.approx(whole["loss"], rel=1e-5)  # the mean loss of each step, logged the same
+    for key, value in whole["weights"].items():
+        torch.testing.assert_close(halves["weights"][key], value, rtol=1e-5, atol=1e-6)
+    quarter = run(4, 1)["weights"]  # 4 steps of 4: another trajectory, so the comparison above can fail
+    assert not torch.allclose(quarter["4.weight"], whole["weights"]["4.weight"], atol=1e-4)
+    assert run(4, 3)["steps"] == 1  # 4 batches in groups of 3: the incomplete group is left out

@@ -82,6 +82,10 @@ class OptimConfig:
                                check=_NON_NEGATIVE)
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy target",
                                   check=("in [0, 1)", lambda v: 0 <= v < 1))
+    accum_steps: int = _opt(1, "batches whose gradients make one optimizer step (gradient accumulation): global "
+                            "batch = data.batch_size x processes x accum_steps, and the LR follows it; for GPUs "
+                            "too small for the recipe's batch (BatchNorm still sees data.batch_size images)",
+                            check=_POSITIVE)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Nothing here reads the whole config or knows about processes beyond `distributed
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import time
@@ -46,13 +47,29 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
                criterion: nn.Module, scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None) -> torch.Tensor:
     """Forward, backward, optimizer step; returns the (detached) loss without a device sync."""
-    with autocast(images.device.type, amp_dtype):
-        loss = criterion(model(images), labels)
+    return accumulated_step(model, [(images, labels)], optimizer, criterion, scaler, amp_dtype)
+
+
+def accumulated_step(model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+                     optimizer: torch.optim.Optimizer, criterion: nn.Module, scaler: torch.amp.GradScaler,
+                     amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """One optimizer step over the gradients of several micro-batches: each loss is divided by their count, so
+    the step is the one their concatenation would give (up to BatchNorm, which sees each micro-batch alone).
+    Under DDP the gradients are all-reduced once, after the last backward. Returns the mean loss, detached."""
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    total = None
+    for i, (images, labels) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast(images.device.type, amp_dtype):
+                loss = criterion(model(images), labels)
+                if len(micro_batches) > 1:
+                    loss = loss / len(micro_batches)
+            scaler.scale(loss).backward()
+        total = loss.detach() if total is None else total + loss.detach()
     scaler.step(optimizer)
     scaler.update()
-    return loss.detach()
+    return total
 
 
 class TrainMeter:
@@ -100,30 +117,37 @@ class TrainMeter:
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, *,
                     criterion: nn.Module, scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None,
                     device: torch.device, lr_at_step: Callable[[int], float], first_global_step: int,
-                    meter: TrainMeter, ema=None, after_step: Callable[[int], bool] | None = None) -> bool:
-    """Train on `batches`; step k (0-based, counted here) uses lr_at_step(first_global_step + k).
+                    meter: TrainMeter, ema=None, after_step: Callable[[int], bool] | None = None,
+                    accum_steps: int = 1) -> bool:
+    """Train on `batches`; step k (0-based, counted here) uses lr_at_step(first_global_step + k) and the
+    gradients of `accum_steps` consecutive batches (a last group of fewer is left out).
 
     `after_step(steps_done_here)` runs after every optimizer step; when it returns True the epoch
     stops early and this returns True. The caller bounds `batches` to the steps still to do.
     """
     model.train()
     start = time.perf_counter()
-    for k, (images, labels) in enumerate(batches):
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
+    batches = iter(batches)
+    for k in itertools.count():
+        group = list(itertools.islice(batches, accum_steps))
+        if len(group) < accum_steps or not group:
+            break
+        group = [(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+                 for images, labels in group]
         global_step = first_global_step + k
         set_lr(optimizer, lr_at_step(global_step))
-        loss = train_step(model, images, labels, optimizer, criterion, scaler, amp_dtype)
+        loss = accumulated_step(model, group, optimizer, criterion, scaler, amp_dtype)
         if ema is not None:
             ema.update()
-        meter.add(loss, global_step, images.shape[0])
+        images = sum(images.shape[0] for images, _ in group)
+        meter.add(loss, global_step, images)
         if k == 0 and device.type == "cuda":
             torch.cuda.synchronize(device)  # once per epoch: the warm-up step's time stays out of the steady rate
         now = time.perf_counter()
         meter.seconds += now - start
         if k > 0:
             meter.steady_seconds += now - start
-            meter.steady_images += images.shape[0]
+            meter.steady_images += images
         if after_step is not None:
             stop = after_step(k + 1)
             now = time.perf_counter()  # checkpoint writes in after_step are not training time

@@ -222,7 +222,7 @@ class Training:
         configure_runtime(cfg.run, dist.local_world_size)
         self.device = dist.device
         self.check_before_building(plan)
-        self.global_batch = cfg.data.batch_size * dist.world_size
+        self.global_batch = cfg.data.batch_size * dist.world_size * cfg.optim.accum_steps
         self.peak_lr = schedule.peak_lr(cfg.optim.lr_per_256, self.global_batch, cfg.optim.lr)
         memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.model = build_model(cfg.model, self.num_classes).to(self.device, memory_format=memory_format)
@@ -249,7 +249,10 @@ class Training:
                                              crop_ratio=cfg.val.crop_ratio, **loader_device)
         except ValueError as exc:  # e.g. a batch larger than a rank's share of the images
             raise ConfigError(str(exc)) from exc
-        self.steps_per_epoch = len(self.train_loader)
+        self.steps_per_epoch = len(self.train_loader) // cfg.optim.accum_steps  # optimizer steps
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"--optim.accum_steps={cfg.optim.accum_steps}: more than the {len(self.train_loader)} "
+                              f"batches per epoch of each process; lower it or --data.batch_size")
         self.meter = engine.TrainMeter(self.device)
         self.epoch, self.step, self.global_step = 0, 0, 0
         self.best_top1, self.history = -1.0, []
@@ -412,6 +415,7 @@ class Training:
                 self.train_model, batches, self.optimizer, criterion=self.criterion, scaler=self.scaler,
                 amp_dtype=self.amp_dtype, device=self.device, lr_at_step=self.lr_at,
                 first_global_step=self.global_step, meter=self.meter, ema=self.ema,
+                accum_steps=self.cfg.optim.accum_steps,
                 after_step=lambda k: self.after_step(first_step + k))
         finally:
             if self.bar is not None:

@@ -132,7 +132,10 @@ def memory_problem(estimate: dict[str, int], available: tuple[int, str], cfg: Co
     fixed = need - estimate["activations"]
     fits = max(int((HEADROOM * have - fixed) // per_image), 0) if per_image else 0
     parts = ", ".join(f"{name} {value / GIB:.1f}" for name, value in estimate.items())
-    batch = (f"a smaller --data.batch_size (about {fits} fits)" if fits >= 1
+    keep = max(2, -(-cfg.data.batch_size // max(fits, 1)))  # micro-batches that keep the recipe's step size
+    micro = -(-cfg.data.batch_size // keep)
+    batch = (f"a smaller --data.batch_size (about {fits} fits; --data.batch_size={micro} --optim.accum_steps={keep} "
+             f"keeps about {cfg.data.batch_size} images per optimizer step)" if fits >= 1
              else "a smaller model or resolution")
     smoke = " or --config smoke (the CPU demo preset)" if device_type == "cpu" else ""
     return (f"pre-flight: batch {cfg.data.batch_size} at {max(cfg.schedule.res_min, cfg.schedule.res_max)} px "
