@@ -1,24 +1,29 @@
 """`python -m benchmarks.gpu_suite`: every GPU check and measurement in one command, for a bare GPU machine.
 
     python -m benchmarks.gpu_suite --out DIR [--profile quick|full] [--device cuda|cpu] [--export DIR2]
+                                   [--deadline-s SECONDS] [--stages a,b,...]
 
-Needs only torch, torchvision, numpy, pillow, pyarrow, pyyaml, tqdm and pytest, plus DALI, webdataset and
-grad-cam brought as wheels (`../shared/tools/device-wheels pack`); no `datasets`: fixture shards are made
-from generated JPEG folders through the ImageFolder source. Stages, each in its own process with a time
-budget, each run even when an earlier one failed:
+Needs only torch, torchvision, numpy, pillow, pyarrow, pyyaml, tqdm and pytest, plus DALI and grad-cam
+brought as one unpacked folder on PYTHONPATH (`../shared/tools/device-wheels pack`); no `datasets`: fixture
+shards are made from generated JPEG folders through the ImageFolder source. Stages, each in its own process
+with a time budget, each run even when an earlier one failed:
 
   env                  versions (torch, CUDA, GPU, DALI, nvImageCodec), the commit; never fails
   data                 photo-like 500 px JPEG shards for the loader benchmark; the real Imagenette shards
                        (`--real-shards`, or on a GPU the parts `benchmarks.carry_data` left in .carry/),
-                       else toy shards from generated JPEG folders, labelled "toy"
+                       else toy shards from generated JPEG folders, labelled "toy" (also when a data part
+                       is missing or damaged: the stages that read the photo shards are not affected)
   gpu-tests            pytest tests/test_data_gpu.py (skipped without CUDA)
   dali                 DALI images/s (fused and split decode) at 160 and 192 px with 4 and 6 CPU threads,
                        against the torchvision DataLoader with 6 workers (benchmarks.dataloader)
   train-step           our step (bf16, channels_last, fed bf16) vs the reference (torchvision fp16 NCHW AMP
                        + GradScaler) at 160/192/224 px, batch 256, eager (benchmarks.train_step)
-  train-main           `python -m train.main` for 2 epochs on the shards, SIGTERM early in epoch 2, then the
-                       same command again: it must resume and finish (exit 75, then 0)
-  train-step-compiled  our step under torch.compile at 160/192/224 px
+  train-main           `python -m train.main` for 2 epochs on the shards, SIGTERM as soon as epoch 2 starts
+                       (a single process checks for it after every step: it stops after step 1 of epoch 2,
+                       whatever the speed), then the same command again: it must resume and finish (exit 75,
+                       then 0), with a metrics line per epoch, top-1 on each epoch the preset validates
+                       (val.every_epochs and the last), run.json "finished" and model.safetensors written
+  train-step-compiled  our step under torch.compile at 224 px first (the headline goal), then 160/192 px
   viz-eval             (full profile) viz's evaluation pass + 20 Grad-CAM rows on 5,000 photo-like val images
                        (benchmarks.viz_eval; issue 11's goal: 50,000 images + 20 rows in under a minute)
   proxy                (full profile) `python -m benchmarks.proxy` on the real Imagenette shards, if present:
@@ -27,9 +32,13 @@ budget, each run even when an earlier one failed:
 Everything is written under --out: results.json (all figures), summary.md (the one-screen summary also
 printed at the end), BENCHMARKS.md (entries in docs/BENCHMARKS.md format, to copy there), logs/<stage>.log,
 the stages' JSON rows and the training run. --export DIR copies summary.md, results.json, BENCHMARKS.md and
-a .tar.gz of the whole folder into DIR (4 files: what the device tool can bring back). The quick profile
-is budgeted to 7 minutes on one H100/H200; --device cpu runs the same stages at toy sizes (a few minutes
-on 2 cores). Goals (never asserted, reported as met/missed): see GOALS below and docs/BENCHMARKS.md.
+gpu-suite.tar.gz (logs, rows, metrics; no shards, images, checkpoints or weights) into DIR after every stage,
+so a command cut at the device tool's time limit still brings back what ran. --deadline-s: the seconds this
+command may still take; the stages are planned to end before it (each gets its budget, or a proportional share
+of what is left, less ~15 s for the export; a stage with under 5 s is skipped). The quick profile is budgeted
+to 8 minutes on one H100/H200; --device cpu runs the same stages at toy sizes (about 3 minutes on 2 cores;
+tests/test_gpu_suite.py runs it). Goals (never asserted, reported as met/missed): see goals() below and
+docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -57,23 +66,30 @@ REPO = Path(__file__).resolve().parents[1]
 H200_BF16_TFLOPS = 790.0  # dense bf16 matrix products measured on the project's H200 (8192^3, torch)
 TRAIN_GFLOP_224 = 24.6  # forward + backward of ResNet-50 per 224 px image (as benchmarks.train_step)
 EXIT_RESUME = 75  # train.main: stopped by a signal after saving, run again to resume
-BULKY = (".tar", ".idx", ".JPEG", ".jpg", ".pt", ".pth")  # left out of --export's archive
+# left out of the exported archive: shards, images, checkpoints and weights (each file that comes back must be
+# small), and anything else over ARCHIVE_FILE_LIMIT
+BULKY = (".tar", ".idx", ".JPEG", ".jpg", ".pt", ".pth", ".safetensors", ".onnx", ".pt2")
+ARCHIVE_FILE_LIMIT = 4 << 20  # bytes
+EXPORT_RESERVE_S = 15.0  # kept back from the last stage for the summary and the export
+MIN_STAGE_S = 5.0  # a stage with less time than this is skipped, not started
 PIPELINE_READY = re.compile(r"^epoch (\d+): input pipeline ready in ([\d.]+) s(, built during)?", re.M)
+STOPPED_AT = re.compile(r"^stopped by SIGTERM: .*\(epoch (\d+), step (\d+)\)", re.M)
 
 
 @dataclass
 class Sizes:
     """What the stages do on this device and profile."""
-    deadline_s: float  # the whole suite
-    budgets: dict  # stage -> seconds
+    deadline_s: float  # the whole suite, unless --deadline-s says otherwise
+    budgets: dict  # stage -> seconds (the most it may take; a stage that ends early leaves time to later ones)
     photos: int  # photo-like JPEGs for the loader benchmark
     photo_side: int
-    res: list  # resolutions of the loader and step benchmarks
+    res: list  # resolutions of the loader benchmark
     dali_threads: list
     baseline_workers: int
     dali_seconds: float
     batch: int
-    step_res: list
+    step_res: list  # eager step resolutions
+    compiled_res: list  # compiled step resolutions, the headline one first (its row is written as measured)
     steps: int
     toy: dict  # toy shard sizes when no real shards
     train_args: list  # train.main overrides
@@ -84,24 +100,27 @@ class Sizes:
 def sizes_for(device: str, profile: str) -> Sizes:
     full = profile == "full"
     if device == "cuda":
-        budgets = {"data": 40, "gpu-tests": 50, "dali": 75, "train-step": 35, "train-main": 115,
-                   "train-step-compiled": 105, "proxy": 0}
+        # quick: 500 s of stages, what the third device call has left after unpacking the wheels
+        # (600 s per command); not yet checked on a GPU
+        budgets = {"data": 40, "gpu-tests": 80, "dali": 100, "train-step": 35, "train-main": 110,
+                   "train-step-compiled": 135, "proxy": 0}
         if full:
-            budgets = {"data": 60, "gpu-tests": 90, "dali": 200, "train-step": 90, "train-main": 300,
+            budgets = {"data": 60, "gpu-tests": 120, "dali": 200, "train-step": 90, "train-main": 300,
                        "train-step-compiled": 400, "viz-eval": 120, "proxy": 3600}
-        return Sizes(deadline_s=420 if not full else 5400, budgets=budgets, photos=256 if not full else 1024,
+        return Sizes(deadline_s=500 if not full else 5400, budgets=budgets, photos=256 if not full else 1024,
                      photo_side=500, res=[160, 192] + ([224] if full else []), dali_threads=[4, 6] + ([8] if full else []),
                      baseline_workers=6, dali_seconds=5 if not full else 15, batch=256, step_res=[160, 192, 224],
-                     steps=15 if not full else 40, toy={"classes": 10, "per_class": 100, "val_per_class": 20, "size": 160},
+                     compiled_res=[224, 160, 192], steps=15 if not full else 40,
+                     toy={"classes": 10, "per_class": 100, "val_per_class": 20, "size": 160},
                      train_args=["--config", "rn50", "--data.batch_size=256", "--val.batch_size=256",
                                  f"--model.compile={'true' if full else 'false'}"],
                      step_args=["--batch-size", "256"], compile_args=["--warmup", "5"])
-    # CPU dry run: the same stages at toy sizes, minutes on 2 cores.
-    budgets = {"data": 120, "gpu-tests": 120, "dali": 120, "train-step": 120, "train-main": 300,
+    # CPU dry run: the same stages and code paths at toy sizes (its figures mean nothing), ~3 minutes on 2 cores.
+    budgets = {"data": 120, "gpu-tests": 120, "dali": 120, "train-step": 120, "train-main": 240,
                "train-step-compiled": 240, "viz-eval": 180, "proxy": 600}
-    return Sizes(deadline_s=1200 if not full else 3600, budgets=budgets, photos=48, photo_side=500, res=[64, 96],
-                 dali_threads=[1, 2], baseline_workers=2, dali_seconds=2, batch=16, step_res=[64, 96], steps=2,
-                 toy={"classes": 10, "per_class": 20, "val_per_class": 7, "size": 64},
+    return Sizes(deadline_s=1200 if not full else 3600, budgets=budgets, photos=32, photo_side=500, res=[64, 96],
+                 dali_threads=[2], baseline_workers=2, dali_seconds=1, batch=16, step_res=[64], compiled_res=[64],
+                 steps=2, toy={"classes": 10, "per_class": 10, "val_per_class": 4, "size": 64},
                  train_args=["--config", "smoke", "--model.arch=resnet18", "--data.batch_size=16",
                              "--data.num_threads=1", "--val.batch_size=35", "--schedule.res_min=32",
                              "--schedule.res_max=64", "--val.res=64", "--run.device=cpu"],
@@ -121,14 +140,18 @@ class StageResult:
 
 class Suite:
     def __init__(self, out: Path, device: str, profile: str, real_shards: Path | None, carry: Path,
-                 commit: str | None, python: str = sys.executable, export_dir: Path | None = None):
+                 commit: str | None, python: str = sys.executable, export_dir: Path | None = None,
+                 deadline_s: float | None = None):
         self.out, self.device, self.profile = out, device, profile
         self.sizes = sizes_for(device, profile)
+        if deadline_s is not None:
+            self.sizes.deadline_s = deadline_s
         self.real_shards, self.carry, self.commit, self.python = real_shards, carry, commit, python
         self.export_dir = export_dir  # refreshed after every stage: a run killed midway still leaves its results
         self.work = out / "work"
         self.logs = out / "logs"
         self.results: list[StageResult] = []
+        self.pending: list[str] = []  # the stages still to run (run() plans them), this one included
         self.env_info: dict = {}
         self.data: dict = {}
         self.started = time.monotonic()
@@ -141,7 +164,13 @@ class Suite:
         return self.sizes.deadline_s - (time.monotonic() - self.started)
 
     def budget(self, name: str) -> float:
-        return max(0.0, min(self.sizes.budgets.get(name, 60), self.remaining()))
+        """The stage's own budget, or its share of the time left before the deadline (less the export's
+        reserve) in proportion to the budgets of the stages still to run, whichever is smaller."""
+        left = self.remaining() - (EXPORT_RESERVE_S if self.export_dir is not None else 0.0)
+        own = self.sizes.budgets.get(name, 60)
+        planned = sum(self.sizes.budgets.get(n, 60) for n in (self.pending or [name]))
+        share = own * min(1.0, left / planned) if planned > 0 else 0.0
+        return max(0.0, min(own, share, left))
 
     def env(self) -> dict:
         path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -178,8 +207,9 @@ class Suite:
     def stage(self, name: str, body) -> StageResult:
         result = StageResult(name, budget_s=round(self.budget(name), 1))
         began = time.monotonic()
-        if result.budget_s < 5:
-            result.status, result.detail = "skipped", "the suite's time budget is spent"
+        if result.budget_s < MIN_STAGE_S:
+            result.status = "skipped"
+            result.detail = f"{max(self.remaining(), 0):.0f} s left before the suite's deadline of {self.sizes.deadline_s:.0f} s"
         else:
             print(f"[gpu_suite] {name}: budget {result.budget_s:.0f} s", flush=True)
             try:
@@ -188,12 +218,22 @@ class Suite:
                 result.status, result.detail = "failed", f"{type(exc).__name__}: {exc}"
         result.seconds = round(time.monotonic() - began, 1)
         print(f"[gpu_suite] {name}: {result.status} in {result.seconds:.0f} s {result.detail}".rstrip(), flush=True)
+        self.finish_stage(result)
+        return result
+
+    def finish_stage(self, result: StageResult) -> None:
+        """Record a stage, and refresh the export: a command cut at the device tool's limit keeps every stage
+        that ended before the cut (summary, results, logs)."""
+        if result.name in self.pending:
+            self.pending.remove(result.name)
         self.results.append(result)
         self.write_results()
         if self.export_dir is not None:
             (self.out / "summary.md").write_text(summary_text(self))
-            export(self.out, self.export_dir, archive=False)
-        return result
+            try:
+                export(self.out, self.export_dir)
+            except OSError as exc:  # a full disk must not end the suite: the next stage tries again
+                print(f"[gpu_suite] export to {self.export_dir} failed: {exc}", file=sys.stderr, flush=True)
 
     # -- stages ----------------------------------------------------------------------------------------
 
@@ -228,41 +268,64 @@ class Suite:
             result.status, result.detail = "failed", "--device cuda but torch sees no CUDA device"
 
     def stage_data(self, result: StageResult) -> None:
-        from benchmarks.dataloader import write_synthetic_shards
-
+        """Photo-like shards (the loader benchmark) and training shards (real, else toy) are made separately:
+        one failing does not take the other's stages down, and missing or damaged data parts fall back to toy
+        shards."""
         s = self.sizes
-        photos = self.work / "photo-shards"
-        if not (photos / "manifest.json").is_file():
-            write_synthetic_shards(photos, s.photos, max_side=s.photo_side)
-        self.data["photos"] = photos
-        notes = [f"{s.photos} photo-like JPEGs <= {s.photo_side} px in {photos.name}"]
-        real = self.real_shards
-        if real is None and (self.carry / "data-p00").is_dir() and self.device == "cpu":
-            notes.append(f"the real shards in {self.carry} are left alone on a CPU (too big for a dry run; "
-                         "--real-shards DIR to use some)")
-        elif real is None and (self.carry / "data-p00").is_dir():
-            from benchmarks.carry_data import unpack
+        notes, errors = [], []
+        try:
+            from benchmarks.dataloader import write_synthetic_shards
 
-            real = self.work / "imagenette-shards"
+            photos = self.work / "photo-shards"
+            if not (photos / "manifest.json").is_file():
+                write_synthetic_shards(photos, s.photos, max_side=s.photo_side)
+            self.data["photos"] = photos
+            notes.append(f"{s.photos} photo-like JPEGs <= {s.photo_side} px in {photos.name}")
+        except Exception as exc:  # noqa: BLE001 - reported, the training shards are still made
+            errors.append(f"photo-like shards: {type(exc).__name__}: {exc}")
+        try:
+            real = self.real_shards or self.unpack_carried(notes)
+            if real is not None:
+                from preprocess.manifest import load_manifest
+
+                manifest = load_manifest(real)
+                self.data.update(shards=real, shards_kind="real",
+                                 shards_name=str(manifest.get("source", {}).get("path", real)))
+                notes.append(f"real shards {real}: {manifest['splits']['train']['images']} train, "
+                             f"{manifest['splits']['val']['images']} val images")
+            else:
+                from benchmarks.toydata import toy_shards
+
+                toy = self.work / "toy-shards"
+                toy_shards(toy, images_per_shard=100, workers=min(4, os.cpu_count() or 1), **s.toy)
+                self.data.update(shards=toy, shards_kind="toy", shards_name="generated shapes (toy)")
+                notes.append(f"TOY shards of generated shapes, {s.toy['classes']} classes x {s.toy['per_class']} "
+                             "train images (real ones: --real-shards DIR, or the carry_data parts on a GPU)")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"training shards: {type(exc).__name__}: {exc}")
+        result.figures = {k: str(v) for k, v in self.data.items()}
+        result.status = "failed" if errors else "ok"
+        result.detail = "; ".join(errors + notes)
+
+    def unpack_carried(self, notes: list) -> Path | None:
+        """The real shards from benchmarks.carry_data's parts under --carry (on a GPU), or None: none there,
+        or a part missing or damaged (said in `notes`: the toy shards stand in)."""
+        from benchmarks.carry_data import CarryError, existing_parts, unpack
+
+        if not existing_parts(self.carry):
+            return None
+        if self.device == "cpu":
+            notes.append(f"the real shards in {self.carry} are left alone on a CPU (a dry run trains on toy "
+                         "shards; --real-shards DIR to use some)")
+            return None
+        real = self.work / "imagenette-shards"
+        try:
             index = unpack(self.carry, real)
-            notes.append(f"real shards unpacked from {index['parts']} parts ({index['name']})")
-        if real is not None:
-            from preprocess.manifest import load_manifest
-
-            manifest = load_manifest(real)
-            self.data.update(shards=real, shards_kind="real", shards_name=str(manifest.get("source", {}).get("path", real)))
-            notes.append(f"real shards {real}: {manifest['splits']['train']['images']} train, "
-                         f"{manifest['splits']['val']['images']} val images")
-        else:
-            from benchmarks.toydata import toy_shards
-
-            toy = self.work / "toy-shards"
-            toy_shards(toy, images_per_shard=100, workers=min(4, os.cpu_count() or 1), **s.toy)
-            self.data.update(shards=toy, shards_kind="toy", shards_name="generated shapes (toy)")
-            notes.append(f"TOY shards of generated shapes, {s.toy['classes']} classes x {s.toy['per_class']} train "
-                         "images (real ones: --real-shards DIR, or the carry_data parts on a GPU)")
-        result.figures = {"photos": str(photos), "shards": str(self.data["shards"]), "shards_kind": self.data["shards_kind"]}
-        result.status, result.detail = "ok", "; ".join(notes)
+        except (CarryError, OSError, ValueError, tarfile.TarError) as exc:
+            notes.append(f"DATA PARTS UNUSABLE, toy shards instead: {exc}")
+            return None
+        notes.append(f"real shards unpacked from {index['parts']} part(s) ({index['name']})")
+        return real
 
     def stage_gpu_tests(self, result: StageResult) -> None:
         xml = self.out / "gpu-tests.xml"
@@ -299,8 +362,7 @@ class Suite:
         s = self.sizes
         rows = self.out / ("train_step_compiled.jsonl" if compiled else "train_step.jsonl")
         rows.unlink(missing_ok=True)
-        # On a CPU, torch.compile takes minutes per resolution: one resolution shows that the path works.
-        res = s.step_res if self.device == "cuda" or not compiled else s.step_res[:1]
+        res = s.compiled_res if compiled else s.step_res
         cmd = [self.python, "-m", "benchmarks.train_step", "--device", self.device, "--res", *map(str, res),
                *s.step_args, "--steps", str(s.steps), "--json", str(rows)]
         cmd += (["--compile", "--only", "ours", *s.compile_args] if compiled else ["--warmup", "3" if self.device == "cuda" else "1"])
@@ -309,7 +371,7 @@ class Suite:
 
     def stage_train_main(self, result: StageResult) -> None:
         run_dir = self.out / "train-main" / "run"
-        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)  # a finished run folder is refused: start a new one
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         cmd = [self.python, "-m", "train.main", "--data", str(self.data["shards"]), "--out", str(run_dir),
                *self.sizes.train_args, "--schedule.epochs=2", "--run.tensorboard=false",
@@ -318,8 +380,9 @@ class Suite:
         result.log = str(log.relative_to(self.out))
         deadline = time.monotonic() + result.budget_s
         figures = {"shards": self.data["shards_kind"], "command": " ".join(cmd[1:])}
+        result.figures = figures
         with open(log, "a") as f:
-            f.write(f"$ {' '.join(cmd)}   # run 1: SIGTERM once epoch 2 has its input pipeline\n")
+            f.write(f"$ {' '.join(cmd)}   # run 1: SIGTERM when epoch 2 starts, acted on after its first step\n")
             f.flush()
             proc = subprocess.Popen(cmd, cwd=REPO, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, start_new_session=True)
@@ -330,8 +393,9 @@ class Suite:
                 for line in proc.stdout:
                     f.write(line)
                     f.flush()
-                    if signalled is None and line.startswith("epoch 2: input pipeline ready"):
-                        time.sleep(0.5 if self.device == "cuda" else 0.2)  # a few steps into epoch 2
+                    # Sent before epoch 2's first step, not after a delay: one process checks for the signal
+                    # after every step, so it stops after step 1 of epoch 2 however fast the steps are.
+                    if signalled is None and line.startswith("epoch 2/"):
                         proc.send_signal(signal.SIGTERM)
                         signalled = time.monotonic()
                 rc1 = proc.wait()
@@ -339,11 +403,16 @@ class Suite:
                 watchdog.cancel()
             if time.monotonic() >= deadline - 0.5:
                 result.status, result.detail = "timeout", f"run 1 passed the budget of {result.budget_s:.0f} s"
-                result.figures = figures
                 return
             figures["run1_exit"] = rc1
             if signalled is not None:
                 figures["sigterm_to_exit_s"] = round(time.monotonic() - signalled, 1)
+            if rc1 != EXIT_RESUME:  # the same command on a finished or failed run folder is refused (exit 2)
+                result.status = "failed"
+                result.detail = (f"run 1 exit {rc1}, expected {EXIT_RESUME} (stopped by SIGTERM)"
+                                 + (" - it never printed 'epoch 2/', the signal was not sent" if signalled is None
+                                    else " - it finished although signalled" if rc1 == 0 else f"; {_last_error(log)}"))
+                return
             f.write(f"$ {' '.join(cmd)}   # run 2: resume\n")
             f.flush()
             proc = subprocess.Popen(cmd, cwd=REPO, env=self.env(), stdout=f, stderr=subprocess.STDOUT,
@@ -353,26 +422,16 @@ class Suite:
             except subprocess.TimeoutExpired:
                 _kill_group(proc)
                 result.status, result.detail = "timeout", f"run 2 (resume) passed the budget of {result.budget_s:.0f} s"
-                result.figures = figures
                 return
         figures["run2_exit"] = rc2
-        metrics = _read_jsonl(run_dir / "metrics.jsonl")
-        figures["epochs"] = metrics
         text = log.read_text()
-        figures["resumed"] = "resuming from" in text
-        figures["pipeline_ready"] = [{"epoch": int(m.group(1)), "wait_s": float(m.group(2)), "ahead": bool(m.group(3))}
-                                     for m in PIPELINE_READY.finditer(text)]
-        result.figures = figures
-        problems = []
-        if rc1 != EXIT_RESUME:
-            problems.append(f"run 1 exit {rc1}, expected {EXIT_RESUME} (stopped by SIGTERM)"
-                            + (" - it finished before the signal" if rc1 == 0 else ""))
-        if rc2 != 0 or not figures["resumed"]:
-            problems.append(f"run 2 exit {rc2}" + ("" if figures["resumed"] else ", did not resume"))
-        if len(metrics) != 2 or not all("top1" in m for m in metrics):
-            problems.append(f"metrics.jsonl has {len(metrics)} epochs, expected 2 with top-1")
+        figures.update(train_main_figures(text, run_dir))
+        problems = train_main_problems(figures, rc2)
         result.status = "failed" if problems else "ok"
-        result.detail = "; ".join(problems) or (f"SIGTERM -> exit 75 -> resumed -> exit 0 on {self.data['shards_kind']} shards")
+        stopped = figures.get("stopped_at") or {}
+        result.detail = "; ".join(problems) or (
+            f"SIGTERM -> exit 75 at epoch {stopped.get('epoch')} step {stopped.get('step')} of "
+            f"{figures.get('steps_per_epoch')} -> resumed -> exit 0 on {self.data['shards_kind']} shards")
 
     def stage_proxy(self, result: StageResult) -> None:
         if importlib.util.find_spec("benchmarks.proxy") is None:
@@ -409,12 +468,12 @@ class Suite:
                 ("train-step-compiled", lambda r: self.stage_train_step(r, compiled=True))]
         if self.profile == "full":
             plan += [("viz-eval", self.stage_viz_eval), ("proxy", self.stage_proxy)]
-        needs_data = {"dali", "train-main", "proxy"}
+        plan = [(name, body) for name, body in plan if not only or name in only or name in ("env", "data")]
+        self.pending = [name for name, _ in plan]
         for name, body in plan:
-            if only and name not in only and name not in ("env", "data"):
-                continue
-            if name in needs_data and "shards" not in self.data:
-                self.results.append(StageResult(name, "skipped", detail="the data stage failed: no shards"))
+            need = STAGE_INPUTS.get(name)
+            if need and need not in self.data:
+                self.finish_stage(StageResult(name, "skipped", detail=f"the data stage made no {need} shards"))
                 continue
             self.stage(name, body)
         return self.results
@@ -432,6 +491,60 @@ class Suite:
         tmp = self.out / ".results.json.tmp"
         tmp.write_text(json.dumps(doc, indent=1, default=str))
         os.replace(tmp, self.out / "results.json")
+
+
+# ---------------------------------------------------------------------------------------------------
+# train-main: what its log and run folder say, and what must hold (pure functions: tested on made-up runs).
+
+def train_main_figures(log_text: str, run_dir: Path) -> dict:
+    """Figures of the two train.main runs: metrics lines, the epochs the config validates, where the signal
+    stopped run 1, the pipeline-ready lines, the run's final state and the model files it wrote."""
+    import yaml
+
+    figures: dict = {"epochs": _read_jsonl(run_dir / "metrics.jsonl"), "resumed": "resuming from" in log_text,
+                     "pipeline_ready": [{"epoch": int(m.group(1)), "wait_s": float(m.group(2)),
+                                         "ahead": bool(m.group(3))} for m in PIPELINE_READY.finditer(log_text)]}
+    stopped = STOPPED_AT.search(log_text)
+    figures["stopped_at"] = {"epoch": int(stopped.group(1)), "step": int(stopped.group(2))} if stopped else None
+    steps = re.search(r"^epoch \d+/\d+: res \d+ px, (\d+) steps", log_text, re.M)
+    figures["steps_per_epoch"] = int(steps.group(1)) if steps else None
+    config_file = run_dir / "config.yaml"
+    if config_file.is_file():
+        cfg = yaml.safe_load(config_file.read_text())
+        epochs, every = int(cfg["schedule"]["epochs"]), int(cfg["val"].get("every_epochs", 1))
+        figures["config_epochs"] = epochs
+        figures["validated_epochs"] = [e for e in range(1, epochs + 1) if e == epochs or e % every == 0]
+    state = run_dir / "run.json"
+    figures["run_state"] = json.loads(state.read_text()).get("state") if state.is_file() else None
+    figures["model_files"] = sorted(n for n in ("model.safetensors", "config.json", "model_final.pth")
+                                    if (run_dir / n).is_file())
+    return figures
+
+
+def train_main_problems(figures: dict, rc2: int) -> list[str]:
+    """What is wrong with a SIGTERM-and-resume pair of train.main runs (empty: nothing)."""
+    problems = []
+    if rc2 != 0 or not figures["resumed"]:
+        problems.append(f"run 2 exit {rc2}" + ("" if figures["resumed"] else ", did not resume"))
+    stopped = figures.get("stopped_at")
+    if stopped is None or stopped["epoch"] != 2:
+        problems.append(f"run 1 did not say it stopped in epoch 2 (saw {stopped})")
+    metrics, expected = figures["epochs"], figures.get("config_epochs")
+    if expected is None:
+        problems.append("no config.yaml in the run folder")
+    elif [m.get("epoch") for m in metrics] != list(range(1, expected + 1)):
+        problems.append(f"metrics.jsonl has epochs {[m.get('epoch') for m in metrics]}, expected 1..{expected}")
+    else:
+        unvalidated = [e for e in figures["validated_epochs"] if "top1" not in metrics[e - 1]]
+        if unvalidated:
+            problems.append(f"no top-1 in metrics.jsonl for epoch(s) {unvalidated}, which the config validates "
+                            f"(val.every_epochs and the last)")
+    if figures["run_state"] != "finished":
+        problems.append(f"run.json says {figures['run_state']!r}, expected 'finished'")
+    missing = {"model.safetensors", "config.json"} - set(figures["model_files"])
+    if missing:
+        problems.append(f"the finished run lacks {', '.join(sorted(missing))}")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -466,7 +579,7 @@ def collect_figures(stages: dict, gpu_name: str) -> dict:
     if "train-main" in stages:
         tm = stages["train-main"].figures
         out["train_main"] = {"shards": tm.get("shards"), "resumed": tm.get("resumed"),
-                             "pipeline_ready": tm.get("pipeline_ready", []),
+                             "stopped_at": tm.get("stopped_at"), "pipeline_ready": tm.get("pipeline_ready", []),
                              "epochs": [{k: e.get(k) for k in ("epoch", "resolution", "images_per_s", "pipeline_wait_s",
                                                                "eval_seconds", "decode", "top1")}
                                         for e in tm.get("epochs", [])]}
@@ -515,9 +628,10 @@ def figure_lines(f: dict) -> list[str]:
         lines.append(f"| step {key} images/s | {_rate(value['images/s'])} ({value['TFLOP/s']} TFLOP/s{pct}) |")
     lines += [f"| {key} | {value:.2f}x |" for key, value in f["ratios"].items()]
     for e in f["train_main"].get("epochs", []):
-        top1 = f"{100 * e['top1']:.2f}%" if isinstance(e.get("top1"), (int, float)) else "n/a"
+        evaluated = (f"eval {e['eval_seconds']} s, top-1 {100 * e['top1']:.2f}%"
+                     if isinstance(e.get("top1"), (int, float)) else "not validated")
         lines.append(f"| train.main epoch {e['epoch']} ({e['resolution']} px, {e['decode']}) | {e['images_per_s']} img/s, "
-                     f"pipeline wait {e['pipeline_wait_s']} s, eval {e['eval_seconds']} s, top-1 {top1} |")
+                     f"pipeline wait {e['pipeline_wait_s']} s, {evaluated} |")
     return lines
 
 
@@ -557,20 +671,24 @@ def append_suite_entry(suite: Suite) -> None:
                   device, notes, path=suite.out / "BENCHMARKS.md")
 
 
-def export(out: Path, dest: Path, archive: bool = True) -> list[Path]:
-    """summary.md, results.json, BENCHMARKS.md and out as .tar.gz into dest: what the device tool brings back."""
+def export(out: Path, dest: Path) -> list[Path]:
+    """summary.md, results.json, BENCHMARKS.md and gpu-suite.tar.gz (out without shards, images, checkpoints,
+    weights or files over ARCHIVE_FILE_LIMIT) into dest: what the device tool brings back. Each file is
+    replaced whole (temp + rename), so a command killed mid-export leaves the previous stage's copy."""
     dest.mkdir(parents=True, exist_ok=True)
     copied = []
     for name in ("summary.md", "results.json", "BENCHMARKS.md"):
         if (out / name).is_file():
-            shutil.copy2(out / name, dest / name)
+            tmp = dest / f".{name}.tmp"
+            shutil.copy2(out / name, tmp)
+            os.replace(tmp, dest / name)
             copied.append(dest / name)
-    if not archive:
-        return copied
-    archive = dest / "gpu-suite.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        # shards, photos and checkpoints stay behind: each file that comes back must be small
-        tar.add(out, arcname="gpu-suite", filter=lambda info: None if info.name.endswith(BULKY) else info)
+    archive, tmp = dest / "gpu-suite.tar.gz", dest / ".gpu-suite.tar.gz.tmp"
+    skip = (*BULKY, ".tar.gz", ".tmp")  # .tar.gz: an --export folder inside --out
+    small = lambda info: None if info.name.endswith(skip) or info.size > ARCHIVE_FILE_LIMIT else info  # noqa: E731
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(out, arcname="gpu-suite", filter=small)
+    os.replace(tmp, archive)
     copied.append(archive)
     return copied
 
@@ -613,7 +731,8 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-STAGE_NAMES = ("gpu-tests", "dali", "train-step", "train-main", "train-step-compiled", "proxy")
+STAGE_NAMES = ("gpu-tests", "dali", "train-step", "train-main", "train-step-compiled", "viz-eval", "proxy")
+STAGE_INPUTS = {"dali": "photos", "train-main": "shards", "proxy": "shards"}  # what each reads of the data stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -622,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--out", type=Path, required=True, help="folder for every result, table and log (created)")
     p.add_argument("--profile", choices=["quick", "full"], default="quick",
-                   help="quick: <= 7 min on one H100/H200; full: more sizes, compiled training, the proxy")
+                   help="quick: <= 8 min on one H100/H200; full: more sizes, compiled training, viz-eval, the proxy")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when torch sees one")
     p.add_argument("--real-shards", type=Path, default=None, help="shard folder of real photos (default: unpack "
                                                                   ".carry/data-pNN if present, else toy shards)")
@@ -630,7 +749,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default=None, help=f"comma-separated subset of: {', '.join(STAGE_NAMES)} "
                                                   "(env and data always run)")
     p.add_argument("--commit", default=None, help="commit to record when the checkout has no .git (a device copy)")
-    p.add_argument("--export", type=Path, default=None, help="also copy the results and a .tar.gz of --out here")
+    p.add_argument("--export", type=Path, default=None, help="also copy the results and a .tar.gz of --out here, "
+                                                            "refreshed after every stage")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="seconds this command may still take (the device tool's limit less what ran before it): "
+                        "the stages are planned to end before it (default: the profile's 500 s on a GPU)")
     args = p.parse_args(argv)
     import torch
 
@@ -641,8 +764,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.commit:
         os.environ["BENCHMARK_COMMIT"] = args.commit  # for this process's own BENCHMARKS.md entry
+    if args.deadline_s is not None and args.deadline_s <= 0:
+        p.error(f"--deadline-s {args.deadline_s:g}: no time left to run anything")
     suite = Suite(args.out.resolve(), device, args.profile, args.real_shards, args.carry, args.commit,
-                  export_dir=args.export)
+                  export_dir=args.export, deadline_s=args.deadline_s)
     suite.run(only)
     summary = summary_text(suite)
     (suite.out / "summary.md").write_text(summary)
