@@ -2,7 +2,9 @@
 
 - our shards (manifest.json + val/*.tar): read by train.data's own validation loader;
 - an ImageFolder tree (val/<wnid>/*.JPEG or <wnid>/*.JPEG; the class list is train/'s when there is one);
-- a Tiny-ImageNet-200 val folder (images/ + val_annotations.txt; classes from wnids.txt).
+- a Tiny-ImageNet-200 val folder (images/ + val_annotations.txt; classes from wnids.txt);
+- ImageNet-V2's layout: class-index folders `0`..`999` (a folder's name is its ImageNet-1k class index, not a
+  position in sorted order: torchvision's ImageFolder would read folder `10` as class 2).
 Folder images are listed in a fixed pseudo-random order (by key, as the shards are written), so
 `--limit N` sees many classes, not the first one.
 """
@@ -17,10 +19,12 @@ from preprocess.sources import (SPLIT_ALIASES, ClassInfo, SampleRef, SourceError
                                 imagenet_classes, safe_key, unique_keys)
 from viz.weights import VizError
 
+IMAGENET_CLASSES = 1000  # ImageNet-V2's folder names are indices into these
+
 
 @dataclass(frozen=True)
 class ValData:
-    layout: str  # "shards", "imagefolder" or "tiny-imagenet"
+    layout: str  # "shards", "imagefolder", "tiny-imagenet" or "imagenet-v2"
     path: str  # the shards root, or the folder of the split
     classes: tuple[ClassInfo, ...]  # indexed by the model's output
     size: int  # images in the split
@@ -73,6 +77,27 @@ def _image_folder(val: Path) -> ValData:
     return _folder_data("imagefolder", val, wnids, refs)
 
 
+def _is_index_folder(name: str) -> bool:
+    return name.isdigit() and name.isascii() and str(int(name)) == name and int(name) < IMAGENET_CLASSES
+
+
+def _imagenet_v2(folder: Path) -> ValData:
+    """ImageNet-V2: images in folders named by their ImageNet-1k class index; the classes are ImageNet-1k's."""
+    classes = imagenet_classes()
+    refs = [(str(p), int(d.name)) for d in _class_dirs(folder) for p in image_files(d)]
+    files = _ordered_files(refs)
+    return ValData("imagenet-v2", str(folder), tuple(classes), len(files), files,
+                   note="ImageNet-V2 layout: each folder's name is its ImageNet-1k class index")
+
+
+def _folder_layout(folder: Path) -> ValData:
+    """ImageNet-V2 when every class folder is named by an ImageNet-1k index (0..999), else an ImageFolder."""
+    names = [d.name for d in _class_dirs(folder)]
+    if names and all(_is_index_folder(n) for n in names):
+        return _imagenet_v2(folder)
+    return _image_folder(folder)
+
+
 def _tiny_val(val: Path) -> ValData:
     annotations = val / "val_annotations.txt"
     rows = []
@@ -120,16 +145,16 @@ def open_data(path: str | Path) -> ValData:
                 return _tiny_val(tiny)
         for name in SPLIT_ALIASES["val"]:
             if (p / name).is_dir() and _class_dirs(p / name):
-                return _image_folder(p / name)
+                return _folder_layout(p / name)
         if len(_class_dirs(p)) >= 2:  # one subfolder of images is more likely not a dataset at all
-            return _image_folder(p)
+            return _folder_layout(p)
     except (DatasetError, SourceError) as exc:
         raise VizError(str(exc)) from exc
     except OSError as exc:
         raise VizError(f"--data {exc.filename or path}: {exc.strerror or exc}") from exc
     raise VizError(f"--data {path}: not a validation set: expected manifest.json + val/*.tar (python -m "
-                   f"preprocess.shard), val/<wnid>/*.JPEG, <wnid>/*.JPEG, or a Tiny-ImageNet val folder "
-                   f"(images/ + val_annotations.txt)")
+                   f"preprocess.shard), val/<wnid>/*.JPEG, <wnid>/*.JPEG, a Tiny-ImageNet val folder "
+                   f"(images/ + val_annotations.txt) or ImageNet-V2's <class index>/*.jpeg")
 
 
 LABEL_SPACES = ("auto", "imagenet", "folder")
@@ -180,8 +205,10 @@ def match_model(data: ValData, num_classes: int, *, label_space: str = "auto", a
                            note=f"the {k} classes put in the model's class order by wnid")
         return data
     if k > num_classes:
+        v2 = (" (ImageNet-V2 layout: folders named 0..999 are ImageNet-1k class indices; a model of fewer "
+              "classes cannot be scored on them)" if data.layout == "imagenet-v2" else "")
         raise VizError(f"--data {data.path}: has {k} classes, the checkpoint {num_classes}; "
-                       f"cannot tell which output is which class")
+                       f"cannot tell which output is which class{v2}")
     unused = tuple(ClassInfo(None, f"output {i}") for i in range(k, num_classes))
     folder = replace(data, classes=tuple(data.classes) + unused, label_map=None)
 
