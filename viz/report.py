@@ -267,13 +267,45 @@ def _config(run_dir: Path, setup: Setup, records: list[dict], result: Evaluation
             f"<pre>{_e(text)}</pre></section>")
 
 
+def read_extra_results(paths) -> list[dict]:
+    """Results files of `python -m viz.validate` (ImageNet-V2, ReaL, any other set), for --extra-results."""
+    extra = []
+    for path in paths:
+        try:
+            numbers = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise VizError(f"--extra-results {path}: cannot read ({exc.strerror or exc})") from exc
+        except ValueError as exc:
+            raise VizError(f"--extra-results {path}: not JSON ({exc})") from exc
+        if not isinstance(numbers, dict) or numbers.get("tool") != "viz.validate":
+            raise VizError(f"--extra-results {path}: not a results file of python -m viz.validate")
+        extra.append(numbers)
+    return extra
+
+
+def _extra(extra: list[dict]) -> str:
+    if not extra:
+        return ""
+    rows = "".join(
+        f"<tr><td>{_e(n.get('dataset'))}</td><td class=num>{n.get('images', 0):,}</td><td class=num>"
+        f"{_pct(n.get('top1'))}</td><td class=num>{_pct(n.get('top5'))}</td><td class=num>"
+        f"{_pct(n['real_top1']) + ' (' + format(n['real_images'], ',') + ' images)' if 'real_top1' in n else ''}</td>"
+        f"<td><code>{_e(n.get('checkpoint'))}</code></td></tr>" for n in extra)
+    return ("<section id=other-sets><h2>Other validation sets</h2><table><tr><th>data set</th><th>images</th>"
+            "<th>top-1</th><th>top-5</th><th>ImageNet-ReaL top-1</th><th>model file</th></tr>" + rows + "</table>"
+            "<p class=muted>Measured by <code>python -m viz.validate</code> (the same pipeline and settings as above); "
+            "ReaL: a prediction is right when it is in the image's list of real labels, images without one left "
+            "out.</p></section>")
+
+
 def write_html(out: Path, *, run_dir: Path, checkpoint: Path, setup: Setup, data: ValData, result: Evaluation,
                findings: Findings, strips: dict[int, str], has_curves: bool, records: list[dict], method: str,
-               classes_shown: int, reused: bool, build_seconds: float) -> None:
+               classes_shown: int, reused: bool, build_seconds: float, extra: list[dict] = ()) -> None:
     title = f"{run_dir.resolve().name}: what the model gets wrong"
     body = "".join([
         f"<h1>{_e(title)}</h1>",
         _summary(result, setup, data, checkpoint, reused),
+        _extra(list(extra)),
         _curves(has_curves, run_dir),
         _classes(data, findings, classes_shown),
         _pairs(data, findings),
@@ -333,6 +365,7 @@ def build(args: argparse.Namespace) -> Path:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise VizError(f"RUN_DIR {run_dir}: no such directory")
+    extra = read_extra_results(args.extra_results)
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(run_dir)
     out_dir = Path(args.output) if args.output else run_dir / "report"
     setup = prepare(str(checkpoint), num_classes=None, weights=args.weights, blurpool=args.blurpool,
@@ -365,7 +398,7 @@ def build(args: argparse.Namespace) -> Path:
     out = out_dir / "report.html"
     write_html(out, run_dir=run_dir, checkpoint=checkpoint, setup=setup, data=data, result=result, findings=findings,
                strips=strips, has_curves=bool(records), records=records, method=args.method,
-               classes_shown=args.classes, reused=reused, build_seconds=time.perf_counter() - started)
+               classes_shown=args.classes, reused=reused, build_seconds=time.perf_counter() - started, extra=extra)
     return out
 
 
@@ -388,6 +421,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="worst (and best) classes listed; the worst also get Grad-CAM rows (default 8)")
     p.add_argument("--pairs", type=int, default=10, help="most confused class pairs listed (default 10)")
     p.add_argument("--method", default="gradcam", choices=list(CAM_METHODS), help="CAM method (default gradcam)")
+    p.add_argument("--extra-results", nargs="+", default=[], metavar="FILE",
+                   help="results JSON of python -m viz.validate (ImageNet-V2, ImageNet-ReaL, ...): shown in a small "
+                        "table under the accuracy")
     add_model_flags(p)
     p.add_argument("--num-threads", type=int, default=min(8, max(1, (os.cpu_count() or 1) - 1)),
                    help="DALI decoding threads (default: cores - 1, at most 8)")

@@ -71,6 +71,19 @@ def real_position(key: str) -> int | None:
     return int(match.group(1)) - 1 if match else None
 
 
+def check_real_keys(keys: list[str], lists: list[list[int]], source: str = "--real-labels") -> None:
+    """Every image must name its validation file (ILSVRC2012_val_<n>) and have a list in `lists`."""
+    unnamed = sorted(k for k in keys if real_position(k) is None)
+    if unnamed:
+        raise VizError(f"{source}: {len(unnamed)} of {len(keys)} images are not named like "
+                       f"ILSVRC2012_val_00000001 (e.g. {unnamed[0]!r}); ReaL's lists follow the ImageNet "
+                       f"validation files' order")
+    beyond = sorted((real_position(k), k) for k in keys if real_position(k) >= len(lists))
+    if beyond:
+        raise VizError(f"{source}: holds {len(lists)} lists, {len(beyond)} images need more (e.g. {beyond[0][1]!r} "
+                       f"needs list {beyond[0][0] + 1})")
+
+
 def real_accuracy(predictions, classes, lists: list[list[int]], *, outputs: int | None,
                   source: str = "--real-labels") -> dict:
     """ReaL top-1 (and top-5) of `predictions`: right when the predicted ImageNet class is in the image's list.
@@ -82,15 +95,7 @@ def real_accuracy(predictions, classes, lists: list[list[int]], *, outputs: int 
     if not any(v is not None for v in to_imagenet.values()):
         raise VizError(f"{source}: the model's classes are not ImageNet-1k wnids; ReaL labels are ImageNet-1k "
                        f"class indices")
-    unnamed = [p.key for p in predictions if real_position(p.key) is None]
-    if unnamed:
-        raise VizError(f"{source}: {len(unnamed)} of {len(predictions)} images are not named like "
-                       f"ILSVRC2012_val_00000001 (e.g. {unnamed[0]!r}); ReaL's lists follow the ImageNet "
-                       f"validation files' order")
-    beyond = [p.key for p in predictions if real_position(p.key) >= len(lists)]
-    if beyond:
-        raise VizError(f"{source}: holds {len(lists)} lists, image {beyond[0]!r} needs list "
-                       f"{real_position(beyond[0]) + 1}")
+    check_real_keys([p.key for p in predictions], lists, source)
     counted = top1 = top5 = 0
     for p in predictions:
         labels = set(lists[real_position(p.key)])
@@ -205,6 +210,9 @@ def validate(args: argparse.Namespace) -> tuple[dict, tuple[Path, ...]]:
         raise VizError(f"--output {out}: expected a .json file name (the .csv goes beside it)")
     print(f"{describe(setup.loaded)} with {setup.loaded.num_classes} classes from {args.checkpoint}; {data.layout} "
           f"data at {data.path}: {data.size} images")
+    if lists is not None and data.files:  # folder layouts: the names are known before the evaluation
+        limit = data.size if args.limit is None else args.limit
+        check_real_keys([key for key, _, _ in data.files[:limit]], lists, f"--real-labels {args.real_labels}")
     result = run_evaluation(setup.model, data, res=setup.res, crop_ratio=setup.crop_ratio,
                             batch_size=setup.batch_size, limit=args.limit, threads=args.num_threads, flip=setup.flip,
                             amp_dtype=setup.amp_dtype, progress=not args.no_progress,
