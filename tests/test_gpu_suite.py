@@ -1,7 +1,9 @@
-"""benchmarks.gpu_suite and benchmarks.carry_data on the CPU: a failing or hanging stage does not stop the
-others, the goals are judged from the stages' rows, a reduced CPU dry run writes every file under --out
-(and the export the device tool brings back), and real-photo shards survive the split into upload parts.
-The full CPU dry run (`python -m benchmarks.gpu_suite --device cpu --out DIR`) takes minutes: run by hand."""
+"""benchmarks.gpu_suite on the CPU: the whole quick profile's CPU dry run passes (every stage ok, so a change to a
+preset, a metrics field or the trainer's run folder cannot break the GPU run unnoticed; ~3 minutes on 2 cores),
+a failing or hanging stage does not stop the others, --deadline-s plans the stages to end before it, the export
+(summary, results, logs archive) is refreshed after every stage, a missing data part falls back to toy shards
+without taking the photo-shard stages down, train-main's checks follow the preset's validation epochs, and the
+goals are judged from the stages' rows."""
 
 from __future__ import annotations
 
@@ -63,46 +65,128 @@ def test_goals_are_judged_from_the_rows():
     assert all(g["status"] == "n/a" for g in gpu_suite.collect_figures(stages, "NVIDIA A100")["goals"][:2])
 
 
-def test_reduced_cpu_dry_run_writes_everything_under_out(tmp_path):
+QUICK_STAGES = ["env", "data", "gpu-tests", "dali", "train-step", "train-main", "train-step-compiled"]
+
+
+def test_the_quick_cpu_dry_run_passes_every_stage_and_exports_what_a_gpu_run_would(tmp_path):
+    """The suite's CPU dry run, as `python -m benchmarks.gpu_suite --device cpu --profile quick` runs it."""
     out, export = tmp_path / "suite", tmp_path / "export"
-    code = gpu_suite.main(["--out", str(out), "--device", "cpu", "--stages", "gpu-tests", "--export", str(export),
-                           "--carry", str(tmp_path / "no-parts"),
-                           "--commit", "abc1234"])
+    code = gpu_suite.main(["--out", str(out), "--device", "cpu", "--profile", "quick", "--export", str(export),
+                           "--carry", str(tmp_path / "no-parts"), "--commit", "abc1234"])
     results = json.loads((out / "results.json").read_text())
-    status = {s["name"]: s["status"] for s in results["stages"]}
-    assert status == {"env": "ok", "data": "ok", "gpu-tests": "ok"} and code == 0
+    status = {s["name"]: (s["status"], s["detail"]) for s in results["stages"]}
+    assert [s["name"] for s in results["stages"]] == QUICK_STAGES
+    assert all(st == "ok" for st, _ in status.values()) and code == 0, (out / "summary.md").read_text()
     assert results["environment"]["commit"] == "abc1234" and results["suite"]["data"]["shards_kind"] == "toy"
-    gpu_tests = next(s for s in results["stages"] if s["name"] == "gpu-tests")
-    assert gpu_tests["figures"]["tests"] >= 10 and gpu_tests["figures"]["failures"] == 0
-    assert (out / "logs" / "gpu-tests.log").is_file() and "| gpu-tests | ok |" in (out / "summary.md").read_text()
-    assert "## GPU suite" in (out / "BENCHMARKS.md").read_text() and "commit `abc1234`" in (out / "BENCHMARKS.md").read_text()
+    stages = {s["name"]: s for s in results["stages"]}
+    assert stages["gpu-tests"]["figures"]["tests"] >= 10 and stages["gpu-tests"]["figures"]["failures"] == 0
+    assert {r["pipeline"] for r in stages["dali"]["figures"]["rows"]} >= {"dali-cpu", "dali-cpu-split"}
+    assert {r["step"] for r in stages["train-step"]["figures"]["rows"]} == {"ours", "reference"}
+    assert [r["compile"] for r in stages["train-step-compiled"]["figures"]["rows"]] == [True]
+    tm = stages["train-main"]["figures"]
+    # the smoke preset validates every 2nd epoch: of 2 epochs, only the 2nd has a top-1
+    assert tm["run1_exit"] == 75 and tm["run2_exit"] == 0 and tm["stopped_at"] == {"epoch": 2, "step": 1}
+    assert tm["validated_epochs"] == [2] and ["top1" in e for e in tm["epochs"]] == [False, True]
+    assert tm["run_state"] == "finished" and {"model.safetensors", "config.json"} <= set(tm["model_files"])
+    assert "| train-main | ok |" in (out / "summary.md").read_text()
+    assert "commit `abc1234`" in (out / "BENCHMARKS.md").read_text()
     assert sorted(p.name for p in export.iterdir()) == ["BENCHMARKS.md", "gpu-suite.tar.gz", "results.json",
                                                         "summary.md"]
     with tarfile.open(export / "gpu-suite.tar.gz") as tar:
         names = tar.getnames()
-    assert "gpu-suite/logs/gpu-tests.log" in names and not any(n.endswith(".tar") for n in names)
+        biggest = max(m.size for m in tar.getmembers())
+    assert {f"gpu-suite/logs/{s}.log" for s in QUICK_STAGES[2:]} <= set(names)
+    assert "gpu-suite/train-main/run/metrics.jsonl" in names and biggest <= gpu_suite.ARCHIVE_FILE_LIMIT
+    assert not [n for n in names if n.endswith(gpu_suite.BULKY)]  # no shards, images, checkpoints or weights
 
 
-def test_real_photo_shards_survive_the_split_into_upload_parts(tmp_path):
+def test_train_main_checks_follow_the_presets_validation_epochs(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("# resolved config\nschedule:\n  epochs: 4\nval:\n  every_epochs: 3\n")
+    (run / "run.json").write_text(json.dumps({"state": "finished"}))
+    (run / "model.safetensors").write_bytes(b"x")
+    (run / "config.json").write_text("{}")
+    metrics = [{"epoch": 1}, {"epoch": 2}, {"epoch": 3, "top1": 0.5}, {"epoch": 4, "top1": 0.6}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    log = ("epoch 1/4: res 32 px, 6 steps of 16 images\nepoch 2: input pipeline ready in 0.01 s, built during x\n"
+           "stopped by SIGTERM: /r/checkpoints/last.pt (epoch 2, step 1); run the same command to resume (exit 75)\n"
+           "resuming from /r/checkpoints/last.pt (epoch 2, step 1)\n")
+    figures = gpu_suite.train_main_figures(log, run)
+    assert figures["validated_epochs"] == [3, 4] and figures["stopped_at"] == {"epoch": 2, "step": 1}
+    assert figures["steps_per_epoch"] == 6 and gpu_suite.train_main_problems(figures, 0) == []
+
+    metrics[3].pop("top1")  # the last epoch always validates
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics[:3]) + json.dumps(metrics[3]))
+    (run / "model.safetensors").unlink()
+    (run / "run.json").write_text(json.dumps({"state": "stopped"}))
+    problems = gpu_suite.train_main_problems(gpu_suite.train_main_figures(log.replace("resuming", "x"), run), 0)
+    assert [p.split(" ")[0:3] for p in problems] == [["run", "2", "exit"], ["no", "top-1", "in"],
+                                                     ["run.json", "says", "'stopped',"], ["the", "finished", "run"]]
+    assert "epoch(s) [4]" in problems[1] and "model.safetensors" in problems[3]
+
+
+def test_stages_are_planned_to_end_before_the_deadline(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_suite, "MIN_STAGE_S", 1.0)
+    suite = gpu_suite.Suite(tmp_path / "out", "cpu", "quick", None, tmp_path / "carry", "abc1234", deadline_s=6)
+    suite.sizes.budgets.update({"works": 10, "hangs": 10, "last": 10, "after": 10})
+    suite.pending = ["works", "hangs", "last"]  # what run() would plan; "after" comes unplanned
+    hang = [sys.executable, "-c", "import time; time.sleep(60)"]
+    suite.stage("works", lambda r: suite.run_commands(r, [[sys.executable, "-c", "print('fine')"]]))
+    suite.stage("hangs", lambda r: suite.run_commands(r, [hang]))
+    suite.stage("last", lambda r: suite.run_commands(r, [hang]))
+    suite.stage("after", lambda r: suite.run_commands(r, [hang]))
+    by_name = {r.name: r for r in suite.results}
+    assert by_name["works"].status == "ok" and by_name["works"].budget_s == pytest.approx(10 * 6 / 30, abs=0.3)
+    # each stage gets its share of what is left (its budget x time left / the budgets still to run), not 10 s;
+    # the last planned one gets the rest
+    left = 6 - by_name["works"].seconds
+    assert by_name["hangs"].status == "timeout" and by_name["hangs"].budget_s == pytest.approx(left / 2, abs=0.5)
+    assert by_name["last"].status == "timeout" and by_name["last"].budget_s == pytest.approx(left / 2, abs=0.5)
+    assert by_name["after"].status == "skipped" and "left before the suite's deadline of 6 s" in by_name["after"].detail
+    assert sum(r.seconds for r in suite.results) <= 6 + 1.0
+
+
+def test_a_missing_data_part_falls_back_to_toy_shards_and_keeps_the_photo_shards(tmp_path):
     src = write_image_folders(tmp_path / "photos", classes=3, per_class=6, val_per_class=2, size=48)
     carry = tmp_path / "carry"
     index = carry_data.pack(src, carry, part_bytes=20_000, workers=1, images_per_shard=5, progress=False)
-    assert index["parts"] >= 3 and len(carry_data.existing_parts(carry)) == index["parts"]
-    assert all(p.stat().st_size <= 20_000 for p in carry.glob("data-p*/data-part-*"))
-    out = carry_data.unpack(carry, tmp_path / "unpacked") and tmp_path / "unpacked"
-    packed = carry / "photos-shards"
-    assert sorted(p.relative_to(out) for p in out.rglob("*")) == sorted(p.relative_to(packed) for p in packed.rglob("*"))
-    assert (out / "manifest.json").read_bytes() == (packed / "manifest.json").read_bytes()
 
-    last = carry / carry_data.PART_DIR.format(index["parts"] - 1) / carry_data.PART_FILE.format(index["parts"] - 1)
-    data = bytearray(last.read_bytes())
-    data[-1] ^= 0xFF
-    last.write_bytes(bytes(data))
-    with pytest.raises(carry_data.CarryError, match="do not add up"):
-        carry_data.unpack(carry, tmp_path / "again")
-    last.unlink()
-    with pytest.raises(carry_data.CarryError, match=f"parts missing.*data-p{index['parts'] - 1:02d}"):
-        carry_data.unpack(carry, tmp_path / "again")
+    def data_stage(name):
+        suite = gpu_suite.Suite(tmp_path / name, "cuda", "quick", None, carry, "abc1234")  # the stage needs no GPU
+        suite.sizes.photos, suite.sizes.photo_side = 4, 64
+        suite.sizes.toy = {"classes": 2, "per_class": 4, "val_per_class": 2, "size": 32}
+        result = gpu_suite.StageResult("data")
+        suite.stage_data(result)
+        return suite, result
+
+    suite, result = data_stage("complete")
+    assert result.status == "ok" and suite.data["shards_kind"] == "real" and "unpacked from" in result.detail
+    (carry / carry_data.PART_DIR.format(index["parts"] - 1)).rename(tmp_path / "lost")
+    suite, result = data_stage("partial")
+    assert result.status == "ok" and suite.data["shards_kind"] == "toy" and "photos" in suite.data
+    assert "DATA PARTS UNUSABLE" in result.detail and "parts missing" in result.detail
+    assert all(gpu_suite.STAGE_INPUTS[s] in suite.data for s in ("dali", "train-main"))  # neither is skipped
+
+
+def test_the_export_is_refreshed_after_every_stage(tmp_path):
+    export = tmp_path / "export"
+    suite = gpu_suite.Suite(tmp_path / "out", "cpu", "quick", None, tmp_path / "carry", "abc1234", export_dir=export)
+    (suite.out / "work" / "big.safetensors").write_bytes(b"w" * 100)
+    (suite.out / "work" / "huge.log").write_bytes(b"x" * (gpu_suite.ARCHIVE_FILE_LIMIT + 1))
+    suite.stage("first", lambda r: suite.run_commands(r, [[sys.executable, "-c", "print('first stage ran')"]]))
+    seen = {}
+
+    def second(result):  # what a command cut here would bring back
+        with tarfile.open(export / "gpu-suite.tar.gz") as tar:
+            seen["names"] = tar.getnames()
+            seen["log"] = tar.extractfile("gpu-suite/logs/first.log").read().decode()
+        seen["summary"] = (export / "summary.md").read_text()
+        result.status = "ok"
+
+    suite.stage("second", second)
+    assert "first stage ran" in seen["log"] and "| first | ok |" in seen["summary"]
+    assert not any(n.endswith(("big.safetensors", "huge.log")) for n in seen["names"])
 
 
 @pytest.mark.parametrize("device, runs", [("cuda", 2), ("cpu", 1)])
