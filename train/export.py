@@ -407,7 +407,7 @@ def push_to_hub(folder: Path, repo: str, *, private: bool = False) -> str:
 
     api = HfApi()
     try:
-        api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
+        api.create_repo(repo, repo_type="model", private=private or None, exist_ok=True)  # None: the Hub default
         info = api.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
                                  commit_message=f"{PROJECT}: upload {folder.name} (train.export --card)")
     except Exception as exc:  # network, auth and repo errors all end the same way: one line, no token in it
