@@ -1,13 +1,18 @@
 """`python -m benchmarks.carry_data`: real-photo shards for a GPU machine that takes uploads of <= 64 MiB each.
 
-    python -m benchmarks.carry_data pack   [--src ../shared/data/imagenette-144] [--carry .carry]
+    python -m benchmarks.carry_data pack   [--profile quick|full] [--src ../shared/data/imagenette-144] [--carry .carry]
     python -m benchmarks.carry_data unpack --out /tmp/imagenette-shards [--carry .carry]
 
 pack (here): shards an ImageFolder tree (Imagenette by default: 9,469 train / 3,925 val real photos of 10
 ImageNet classes) with `preprocess.shard` (the ImageFolder source: shuffled train shards, default encode
 settings), writes the shard folder as one plain tar stream and cuts it into parts of at most --part-mib MiB,
 each in its own git-ignored folder `.carry/data-pNN/` (next to device-wheels' `.carry/whl-pNN/`), with
-`data-p00/INDEX.json` (part count, bytes, SHA-256). Upload each part folder in its own call (`carry`).
+`data-p00/INDEX.json` (part count, bytes, SHA-256).
+  --profile full   every photo, parts of 56 MiB (Imagenette-144: 3 parts): each part in its own upload call
+  --profile quick  a class-balanced subset (the same number of randomly chosen photos of every class, a quarter
+                   as many val as train photos) sized to one part of <= 12 MiB (~100 train + 25 val photos per
+                   class), small enough to ride in the same call as the last wheel part: what
+                   `benchmarks.gpu_suite --profile quick` trains on
 unpack (there): checks that every part is present and the SHA-256 matches, then extracts the shard folder.
 The photos never enter git: .carry/ is ignored.
 """
@@ -31,6 +36,10 @@ PART_DIR = "data-p{:02d}"
 PART_FILE = "data-part-{:02d}"
 INDEX = "INDEX.json"
 MIB = 1 << 20
+QUICK_MIB = 12  # the quick profile's one part: beside a wheel part of <= ~48 MiB and the checkout, <= 64 MiB
+QUICK_VAL_FRACTION = 0.25  # val photos per class, as a fraction of the train photos per class
+SAMPLE_OVERHEAD = 3300  # bytes a sample adds beside its source JPEG (tar headers, .lbl, index; ~3.1 KB measured)
+UPLOAD_MIB = 64  # what one device call carries in all (parts + checkout)
 
 
 class CarryError(RuntimeError):
@@ -106,6 +115,50 @@ class _JoinedReader:
         return data
 
 
+def class_files(src: Path, split: str) -> dict[str, list[Path]]:
+    """wnid -> sorted image files of one split of an ImageFolder tree."""
+    from preprocess.sources import image_files
+
+    folder = Path(src) / split
+    return {d.name: image_files(d) for d in sorted(folder.iterdir()) if d.is_dir()} if folder.is_dir() else {}
+
+
+def balanced_subset(src: Path, dest: Path, train_per_class: int, val_per_class: int, seed: int = 0) -> dict:
+    """dest/{train,val}/<wnid>/ holding links to the same number of photos of every class of `src`, chosen at
+    random (seeded by the class); returns {split: per-class count}. Raises CarryError if a class has fewer."""
+    import random
+
+    shutil.rmtree(dest, ignore_errors=True)
+    counts = {}
+    for split, want in (("train", train_per_class), ("val", val_per_class)):
+        files = class_files(src, split)
+        if not files:
+            raise CarryError(f"--src {src}: no {split}/<wnid>/ folders")
+        short = {w: len(f) for w, f in files.items() if len(f) < want}
+        if short:
+            raise CarryError(f"--src {src}: {split} classes with fewer than {want} photos: {short}")
+        for wnid, paths in files.items():
+            chosen = random.Random(f"{seed}:{split}:{wnid}").sample(paths, want)
+            folder = dest / split / wnid
+            folder.mkdir(parents=True)
+            for path in sorted(chosen):
+                (folder / path.name).symlink_to(path.resolve())
+        counts[split] = want
+    return counts
+
+
+def quick_counts(src: Path, max_bytes: int) -> tuple[int, int]:
+    """(train, val) photos per class whose shards should fit in max_bytes, from the source's mean file size."""
+    files = [p for paths in class_files(src, "train").values() for p in paths]
+    if not files:
+        raise CarryError(f"--src {src}: no train/<wnid>/*.JPEG photos")
+    classes = len(class_files(src, "train"))
+    per_sample = sum(p.stat().st_size for p in files) / len(files) + SAMPLE_OVERHEAD
+    per_class = max_bytes / per_sample / classes  # train + val photos of one class
+    train = int(per_class / (1 + QUICK_VAL_FRACTION))
+    return train, max(1, int(train * QUICK_VAL_FRACTION))
+
+
 def existing_parts(carry: Path) -> list[Path]:
     return sorted(p for p in Path(carry).glob("data-p[0-9][0-9]") if p.is_dir())
 
@@ -121,17 +174,84 @@ def pack(src: Path, carry: Path, *, part_bytes: int = 56 * MIB, quality: int = 9
     shards = carry / f"{Path(src).name}-shards"
     run(str(src), shards, settings=EncodeSettings(quality=quality), images_per_shard=images_per_shard,
         workers=workers, progress=progress)
+    return _split(shards, carry, part_bytes, name=Path(src).name)
+
+
+def pack_quick(src: Path, carry: Path, *, max_bytes: int = QUICK_MIB * MIB, quality: int = 90, workers: int = 1,
+               progress: bool = True, seed: int = 0) -> dict:
+    """A class-balanced subset of `src` as ONE part carry/data-p00 of at most max_bytes (the subset shrinks
+    until its shards fit). Returns the index, with the photos per class."""
+    from preprocess.shard import EncodeSettings, run
+
+    src, carry = Path(src), Path(carry)
+    if not (src / "train").is_dir():
+        raise CarryError(f"--src {src}: no train/ folder (expected an ImageFolder tree: train/<wnid>/*.JPEG)")
+    train, val = quick_counts(src, max_bytes)
+    classes = len(class_files(src, "train"))
+    name = f"{src.name}-quick"
+    for _attempt in range(4):
+        if train < 1:
+            break
+        subset, shards = carry / f"{name}-src", carry / f"{name}-shards"
+        counts = balanced_subset(src, subset, train, val, seed=seed)
+        shutil.rmtree(shards, ignore_errors=True)
+        per_shard = -(-train * classes // 4)  # 4 train shards
+        run(str(subset), shards, settings=EncodeSettings(quality=quality), images_per_shard=per_shard,
+            workers=workers, progress=progress)
+        size = _stream_size(shards)
+        if size <= max_bytes:
+            index = _split(shards, carry, max_bytes, name=f"{src.name} (quick: {train} train + {val} val photos "
+                                                              f"per class)", profile="quick", per_class=counts)
+            return index
+        scale = max_bytes / size * 0.98
+        train, val = int(train * scale), max(1, int(val * scale))
+    raise CarryError(f"--src {src}: could not fit a class-balanced subset in {max_bytes / MIB:.1f} MiB")
+
+
+class _Counter:
+    """A write-only file that only counts bytes."""
+
+    size = 0
+
+    def write(self, data) -> int:
+        self.size += len(data)
+        return len(data)
+
+
+def _stream_size(shards: Path) -> int:
+    """Bytes of the plain tar stream `_split` writes for the shard folder."""
+    counter = _Counter()
+    with tarfile.open(fileobj=counter, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(shards, arcname="shards")
+    return counter.size
+
+
+def _split(shards: Path, carry: Path, part_bytes: int, *, name: str, **extra) -> dict:
+    """The shard folder as one plain tar stream cut into carry/data-pNN/ (earlier parts removed)."""
     for old in existing_parts(carry):
         shutil.rmtree(old)
     writer = _SplitWriter(carry, part_bytes)
     with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         tar.add(shards, arcname="shards")
     writer.close()
-    index = {"name": Path(src).name, "parts": len(writer.parts), "bytes": writer.size,
-             "sha256": writer.sha.hexdigest(), "part_bytes": part_bytes,
-             "manifest": json.loads((shards / "manifest.json").read_text())["splits"]["train"]["images"]}
+    manifest = json.loads((shards / "manifest.json").read_text())
+    index = {"name": name, "parts": len(writer.parts), "bytes": writer.size, "sha256": writer.sha.hexdigest(),
+             "part_bytes": part_bytes, "manifest": manifest["splits"]["train"]["images"],
+             "val_images": manifest["splits"]["val"]["images"], **extra}
     (carry / PART_DIR.format(0) / INDEX).write_text(json.dumps(index, indent=1))
     return index
+
+
+def beside_last_wheel_part(carry: Path, index: dict) -> str:
+    """One line: whether the data parts fit in the same call as the last wheel part (<= UPLOAD_MIB in all)."""
+    wheels = sorted(Path(carry).glob("whl-p[0-9][0-9]"))
+    if not wheels:
+        return "no wheel parts under .carry yet (../shared/tools/device-wheels pack makes them)"
+    last = sum(f.stat().st_size for f in wheels[-1].rglob("*") if f.is_file())
+    total = last + index["bytes"]
+    verdict = "fits" if total <= (UPLOAD_MIB - 4) * MIB else "does NOT fit: upload the data in its own call"
+    return (f"{wheels[-1].name} ({last / MIB:.1f} MiB) + the data ({index['bytes'] / MIB:.1f} MiB) = "
+            f"{total / MIB:.1f} MiB: {verdict} (one call carries {UPLOAD_MIB} MiB with the checkout's ~2 MiB)")
 
 
 def unpack(carry: Path, out: Path) -> dict:
@@ -170,10 +290,13 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1])
     sub = p.add_subparsers(dest="command", required=True)
     pk = sub.add_parser("pack", help="shard --src and split the shards into upload-sized parts under --carry")
+    pk.add_argument("--profile", choices=["full", "quick"], default="full",
+                    help=f"full: every photo in parts of --part-mib; quick: a class-balanced subset in one part of "
+                         f"<= --part-mib (default {QUICK_MIB} MiB), for gpu_suite's quick profile")
     pk.add_argument("--src", type=Path, default=DEFAULT_SRC, help=f"ImageFolder tree (default {DEFAULT_SRC})")
     pk.add_argument("--carry", type=Path, default=REPO / ".carry", help="git-ignored folder for the parts")
-    pk.add_argument("--part-mib", type=int, default=56, help="largest part, MiB (an upload takes <= 64 MiB with "
-                                                            "the checkout)")
+    pk.add_argument("--part-mib", type=float, default=None, help="largest part, MiB (default 56 for full: an upload "
+                                                                "takes <= 64 MiB with the checkout; 12 for quick)")
     pk.add_argument("--quality", type=int, default=90, help="JPEG quality of the shards (preprocess.shard's default)")
     pk.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
     up = sub.add_parser("unpack", help="check the uploaded parts and extract the shard folder")
@@ -182,13 +305,23 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.command == "pack":
-            index = pack(args.src, args.carry, part_bytes=args.part_mib * MIB, quality=args.quality,
-                         workers=args.workers)
+            if args.profile == "quick":
+                index = pack_quick(args.src, args.carry, max_bytes=int((args.part_mib or QUICK_MIB) * MIB),
+                                   quality=args.quality, workers=args.workers)
+            else:
+                index = pack(args.src, args.carry, part_bytes=int((args.part_mib or 56) * MIB), quality=args.quality,
+                             workers=args.workers)
             sizes = ", ".join(f"{PART_DIR.format(i)} {(args.carry / PART_DIR.format(i) / PART_FILE.format(i)).stat().st_size / MIB:.1f} MiB"
                               for i in range(index["parts"]))
-            print(f"{index['parts']} parts ({index['bytes'] / MIB:.1f} MiB, {index['manifest']} train images): {sizes}")
-            print("upload each folder in its own call (carry: [\".carry/data-pNN\"]), then on the machine: "
-                  "python3 -m benchmarks.carry_data unpack --out /tmp/imagenette-shards")
+            print(f"{index['name']}: {index['parts']} part(s) ({index['bytes'] / MIB:.1f} MiB, {index['manifest']} "
+                  f"train + {index['val_images']} val images): {sizes}")
+            if args.profile == "quick":
+                print(beside_last_wheel_part(args.carry, index))
+                print("carry it with the last wheel part (carry: [\".carry/whl-pNN\", \".carry/data-p00\"]); "
+                      "benchmarks.gpu_suite unpacks it there")
+            else:
+                print("upload each folder in its own call (carry: [\".carry/data-pNN\"]), then on the machine: "
+                      "python3 -m benchmarks.carry_data unpack --out /tmp/imagenette-shards")
         else:
             index = unpack(args.carry, args.out)
             print(f"{args.out}: {index['name']} shards unpacked from {index['parts']} parts, SHA-256 checked")

@@ -209,7 +209,8 @@ class Suite:
         began = time.monotonic()
         if result.budget_s < MIN_STAGE_S:
             result.status = "skipped"
-            result.detail = f"{max(self.remaining(), 0):.0f} s left before the suite's deadline of {self.sizes.deadline_s:.0f} s"
+            result.detail = (f"{max(self.remaining(), 0):.0f} s left before the suite's deadline of "
+                             f"{self.sizes.deadline_s:.0f} s")
         else:
             print(f"[gpu_suite] {name}: budget {result.budget_s:.0f} s", flush=True)
             try:
