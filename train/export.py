@@ -249,10 +249,10 @@ def _table(rows) -> str:
 def _recipe(config: dict | None, header: dict) -> str:
     if not config:
         return "No `config.yaml` came with these weights: the recipe is unknown.\n"
-    section = lambda name: config.get(name) if isinstance(config.get(name), dict) else {}  # noqa: E731
-    model, optim, schedule, val, ema, run = (section(n) for n in ("model", "optim", "schedule", "val", "ema", "run"))
-    rows = [("architecture", f"{model.get('arch')}{' with BlurPool on the strided convs' if model.get('blurpool') else ''}"
-                             f"{', channels_last' if model.get('channels_last') else ''}"),
+    model, optim, schedule, val, ema, run = (config.get(name) if isinstance(config.get(name), dict) else {}
+                                             for name in ("model", "optim", "schedule", "val", "ema", "run"))
+    blurpool = " with BlurPool on the strided convs" if model.get("blurpool") else ""
+    rows = [("architecture", f"{model.get('arch')}{blurpool}{', channels_last' if model.get('channels_last') else ''}"),
             ("epochs", schedule.get("epochs")),
             ("global batch (images per step)", f"{header['global_batch']} on {header['processes']} process(es)"
              if "global_batch" in header else "see config.yaml"),
