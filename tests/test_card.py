@@ -99,7 +99,12 @@ def test_an_imagenet_run_names_imagenet_1k(run_dir, tmp_path):
     card["val_images"] = 10_000  # a subset: still ImageNet-1k, but said to be a subset
     export.write_card(run_dir / artifact.MODEL_FILE, out, card, None, name="me/rn50")
     (top1, _) = ModelCard.load(out / "README.md").data.eval_results
-    assert top1.dataset_name == "ImageNet-1k validation, 10000 of 50,000 images"
+    assert top1.dataset_name == "ImageNet-1k validation, 10,000 of 50,000 images"
+    assert "Measured on part of ImageNet-1k's validation set" in (out / "README.md").read_text()
+    card["classes"] = None  # a plain torchvision state_dict: 1000 outputs, but nothing says which classes
+    export.write_card(run_dir / artifact.MODEL_FILE, out, card, None, name="me/rn50")
+    data = ModelCard.load(out / "README.md").data
+    assert data.datasets is None and "not known to be ImageNet-1k" in data.eval_results[0].dataset_name
 
 
 class FakeApi:

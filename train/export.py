@@ -199,19 +199,27 @@ def _imagenet_wnids() -> list[str]:
 
 
 def validation_set(card: dict) -> dict:
-    """Which validation set the card's top-1 was measured on: name, Hub dataset type, whether it is ImageNet-1k's
-    full 50,000-image validation split (`full`) and whether the classes are ImageNet-1k's (`imagenet`)."""
+    """Which validation set the card's top-1 was measured on: name and Hub dataset type, and `kind`: "full"
+    (ImageNet-1k's 50,000 validation images), "subset" (fewer of them), "other" (another class list: a small or
+    synthetic run) or "unknown" (the file stores no class list). `imagenet`: the classes are ImageNet-1k's."""
     wnids = [c.get("wnid") for c in card.get("classes") or []]
     imagenet = card["num_classes"] == 1000 and wnids == _imagenet_wnids()
     images = card.get("val_images")
-    if imagenet and images == IMAGENET_VAL_IMAGES:
-        return {"name": f"ImageNet-1k validation ({IMAGENET_VAL_IMAGES:,} images)", "type": IMAGENET_DATASET,
-                "split": "validation", "full": True, "imagenet": True}
+    count = f"{images:,}" if isinstance(images, int) else "an unknown number of"
     if imagenet:
-        return {"name": f"ImageNet-1k validation, {images} of {IMAGENET_VAL_IMAGES:,} images", "type": IMAGENET_DATASET,
-                "split": "validation", "full": False, "imagenet": True}
-    return {"name": f"the run's own validation split ({images} images, {card['num_classes']} classes; not "
-                    f"ImageNet-1k)", "type": "custom", "split": "validation", "full": False, "imagenet": False}
+        full = images == IMAGENET_VAL_IMAGES
+        name = (f"ImageNet-1k validation ({IMAGENET_VAL_IMAGES:,} images)" if full else
+                f"ImageNet-1k validation, {count} of {IMAGENET_VAL_IMAGES:,} images")
+        return {"name": name, "type": IMAGENET_DATASET, "split": "validation", "kind": "full" if full else "subset",
+                "full": full, "imagenet": True, "images": count}
+    if wnids:
+        name = f"the run's own validation split ({count} images, {card['num_classes']} classes; not ImageNet-1k)"
+        kind = "other"
+    else:
+        name = f"the run's own validation split ({count} images; no class list stored: not known to be ImageNet-1k)"
+        kind = "unknown"
+    return {"name": name, "type": "custom", "split": "validation", "kind": kind, "full": False, "imagenet": False,
+            "images": count}
 
 
 def _percent(value) -> float | None:
@@ -294,10 +302,14 @@ def card_body(card: dict, *, name: str, config: dict | None, header: dict, manif
     lines = [f"# {name}", "",
              f"An image classifier: {card['architecture']}{blur}, {card['num_classes']} classes, trained with "
              f"[{PROJECT}](#provenance) (`python -m train.main`) and exported by `python -m train.export --card`.", ""]
-    if not val["full"]:
-        lines += [f"> **Not an ImageNet-1k result.** The numbers below were measured on {val['name']}"
-                  + ("" if val["imagenet"] else ", the data of a small or synthetic run")
-                  + ": they say nothing about accuracy on ImageNet-1k's 50,000 validation images.", ""]
+    warning = {"subset": f"> **Measured on part of ImageNet-1k's validation set**: {val['images']} of its "
+                         f"{IMAGENET_VAL_IMAGES:,} images.",
+               "other": f"> **Not an ImageNet-1k result.** The numbers below were measured on {val['name']}, the data "
+                        f"of a small or synthetic run: they say nothing about accuracy on ImageNet-1k.",
+               "unknown": f"> **Not known to be an ImageNet-1k result.** The file stores no class list, so the "
+                          f"validation set ({val['images']} images) cannot be named."}.get(val["kind"])
+    if warning:
+        lines += [warning, ""]
     lines += ["## Results", ""]
     if card.get("top1") is not None:
         top5 = f"{100 * card['top5']:.2f} %" if card.get("top5") is not None and card["num_classes"] > 5 else "n/a"
@@ -342,12 +354,12 @@ def card_body(card: dict, *, name: str, config: dict | None, header: dict, manif
                   "Each row: the crop the model saw | Grad-CAM of the predicted class | Grad-CAM of the true class "
                   "(`python -m viz.gradcam`).", ""]
     limits = []
-    if not val["imagenet"]:
-        limits.append(f"Trained and measured on a {card['num_classes']}-class set of {card.get('val_images')} "
-                      f"validation images, not ImageNet-1k: a small or synthetic run (a demo or a test), not a "
-                      f"model to use on photographs.")
-    elif not val["full"]:
-        limits.append(f"Measured on {card.get('val_images')} ImageNet-1k validation images, not all 50,000.")
+    if val["kind"] == "other":
+        limits.append(f"Trained and measured on a {card['num_classes']}-class set of {val['images']} validation "
+                      f"images, not ImageNet-1k: a small or synthetic run (a demo or a test), not a model to use "
+                      f"on photographs.")
+    elif val["kind"] == "subset":
+        limits.append(f"Measured on {val['images']} ImageNet-1k validation images, not all {IMAGENET_VAL_IMAGES:,}.")
     limits += [f"The classes are the {card['num_classes']} of its training set; anything else is forced into one "
                "of them.",
                "Flip-TTA is not part of the ONNX and torch.export files: add the logits of the mirrored image."]
