@@ -32,18 +32,22 @@ def test_save_atomic_makes_missing_folders_and_leaves_only_the_file(tmp_path):
 
 
 def test_a_failed_write_is_an_oserror_with_bytes_and_free_space(tmp_path, monkeypatch):
+    first_line = "PytorchStreamWriter failed writing file data/0: " + "x" * 100  # 148 characters
+
     def failing_save(obj, f):
         f.write(b"x" * 1234)
-        raise RuntimeError("PytorchStreamWriter failed writing file data/0\nsecond line of the trace")
+        raise RuntimeError(first_line + "\nsecond line of the trace")
 
-    free = 3 * 2**30 + 2**29  # 3.5 GiB
+    def disk_usage(folder):
+        assert Path(folder) == tmp_path  # the checkpoint's own disk
+        return type("Usage", (), {"free": 3 * 2**30 + 2**29})()  # 3.5 GiB
+
     monkeypatch.setattr(torch, "save", failing_save)
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: type("Usage", (), {"free": free})())
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", disk_usage)
     with pytest.raises(OSError) as caught:
         checkpoint.save_atomic({"w": 1}, tmp_path / "last.pt")
     assert caught.value.errno == errno.EIO
-    assert caught.value.strerror == ("write failed after 1234 bytes, 3.50 GiB free on the disk (PytorchStreamWriter "
-                                     "failed writing file data/0)")
+    assert caught.value.strerror == f"write failed after 1234 bytes, 3.50 GiB free on the disk ({first_line[:120]})"
     assert isinstance(caught.value.__cause__, RuntimeError) and list(tmp_path.iterdir()) == []
 
 
@@ -84,6 +88,15 @@ def test_load_refuses_pickled_objects(tmp_path):
     torch.save({"when": datetime.datetime(2026, 1, 1)}, tmp_path / "pickled.pt")
     with pytest.raises(Exception, match="[Ww]eights.only"):
         checkpoint.load(tmp_path / "pickled.pt")
+
+
+def test_a_gpu_runs_rng_state_resumes_on_the_cpu():
+    """A checkpoint written on a GPU carries a "cuda" RNG state; a CPU resume must not touch CUDA with it."""
+    state = checkpoint.capture_rng(torch.device("cpu"))
+    state["cuda"] = torch.zeros(16, dtype=torch.uint8)
+    expected = torch.rand(3)
+    checkpoint.restore_rng(state, torch.device("cpu"))
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_every_rng_round_trips_with_cached_gaussians(tmp_path):
@@ -140,3 +153,32 @@ def test_stop_signals_cover_term_usr1_and_int_and_start_clear():
         time.sleep(0.01)
         assert signals.received == signal.SIGTERM and signals.name == "SIGTERM"
     assert {sig: signal.getsignal(sig) for sig in checkpoint.STOP_SIGNALS} == before
+
+
+def test_ctrl_c_handler_in_process(monkeypatch):
+    """The handler itself (the subprocess test above cannot be attributed to it by a mutation tester)."""
+    written = []
+
+    class Quit(Exception):
+        pass
+
+    def quit_now(code):
+        raise Quit(code)
+
+    signals = checkpoint.StopSignals()
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint.os, "write", lambda fd, data: written.append((fd, data)) or len(data))
+        patch.setattr(checkpoint.os, "_exit", quit_now)
+        signals._handle(signal.SIGTERM, None)
+        assert signals.received == signal.SIGTERM and written == []
+        signals._handle(signal.SIGINT, None)  # Ctrl-C after a SIGTERM: the first Ctrl-C, save and stop
+        assert signals.received == signal.SIGINT and written == [(2, b"\ntrain.main: Ctrl-C: saving at the next "
+                                                                    b"step, then exiting (Ctrl-C again: quit now "
+                                                                    b"without saving)\n")]
+        signals._handle(signal.SIGUSR1, None)  # another signal after Ctrl-C: no quitting
+        assert signals.received == signal.SIGUSR1 and len(written) == 1
+        signals.received = signal.SIGINT
+        with pytest.raises(Quit) as caught:
+            signals._handle(signal.SIGINT, None)
+    assert caught.value.args == (130,)
+    assert written[1] == (2, b"\ntrain.main: second Ctrl-C: quitting without saving; the last checkpoint is kept\n")
