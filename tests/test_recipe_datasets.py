@@ -125,3 +125,12 @@ def test_needs_evidence_only_when_folder_order_and_wnid_index_disagree():
     assert not needs_evidence(_data("n01530575", "n01443537"), 3, card)  # the card's order: outputs 0, 1
     assert needs_evidence(_data("n01443537", "n01530575"), 3, card)  # outputs 1, 0
     assert needs_evidence(_data("n01443537", "n01530575"), 4, card)  # a card of another length: no map
+
+
+def test_folder_classes_that_are_not_wnids_keep_their_folder_names(tmp_path):
+    for name in ("cats", "dogs"):
+        _jpeg(tmp_path / "val" / name / f"{name}.JPEG")
+    data = open_data(tmp_path)
+    assert data.classes == (ClassInfo("cats", "cats"), ClassInfo("dogs", "dogs"))
+    with pytest.raises(VizError, match="^--label-space bogus: expected one of auto, imagenet, folder$"):
+        datasets.match_model(data, 2, label_space="bogus")
