@@ -97,9 +97,6 @@ def test_sigterm_stops_mid_epoch_and_the_resumed_run_matches(stopped, uninterrup
     assert lrs == pytest.approx({s: lr_at(s - 1) for s in lrs}, rel=1e-6)  # each at its global step
 
 
-@pytest.mark.xfail(strict=True, reason="train.engine.MetricsLog purges TensorBoard events from step `first_step` "
-                   "on, but the events tagged with the checkpoint's own step were logged before it was saved: the "
-                   "resume drops them (purge_step should be first_step + 1)")
 def test_the_resumed_run_keeps_every_logged_step(stopped):
     out, state = stopped
     assert sorted(logged_lr(out)) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))

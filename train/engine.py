@@ -217,7 +217,9 @@ class MetricsLog:
             except ImportError:
                 pass
             else:
-                self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=first_step)
+                # events after the checkpoint's step go (they are redone); those of that step were logged before it
+                # was saved and stay
+                self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=first_step + 1)
 
     def write_summary(self) -> None:
         rows = [",".join(SUMMARY_COLUMNS)]
