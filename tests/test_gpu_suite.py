@@ -207,3 +207,20 @@ def test_proxy_stage_checks_twice_the_presets_learning_rate_on_a_gpu(device, run
         args, overrides = parsed[1]
         lr = float(overrides[0].split("=", 1)[1])
         assert args.epochs == [5] and lr == pytest.approx(2 * config.resolve(proxy.PRESET).optim.lr_per_256)
+
+
+DEVICE_WHEELS = gpu_suite.REPO.parent / "shared" / "tools" / "device-wheels"
+
+
+@pytest.mark.skipif(not DEVICE_WHEELS.is_file(), reason=f"{DEVICE_WHEELS} is absent (the project's shared tools)")
+def test_the_documented_device_call_starts_with_the_install_line_device_wheels_prints():
+    script = DEVICE_WHEELS.read_text()
+    printed = script.split("cat <<EOT\n", 1)[1].split("\nEOT", 1)[0].strip()
+    printed = printed.replace("\\$", "$").replace("-eq $n", "-eq 3")  # what the heredoc prints for 3 parts
+    docs = (gpu_suite.REPO / "docs" / "BENCHMARKS.md").read_text()
+    section = docs.split("## GPU suite: how to run it", 1)[1].split("\n## ", 1)[0]
+    calls = [line.strip() for line in section.splitlines() if line.strip().startswith(printed)]
+    assert len(calls) == 1, f"docs/BENCHMARKS.md has no device command starting with: {printed}"
+    suite_args = calls[0][len(printed):].split("python3 -m benchmarks.gpu_suite ", 1)[1].split()
+    assert {"--export", "$OUT", "--deadline-s"} <= set(suite_args)
+    assert '[".carry/whl-p02", ".carry/data-p00"]' in section  # the data rides with the last wheel part

@@ -68,6 +68,14 @@ class DataConfig:
                        "checksums; a shard is read once per copy, then remembered in SHARDS/.verified.json by size "
                        "and mtime; ~1 s per GiB per process, see docs/RELIABILITY.md) or size (byte counts only: a "
                        "damaged JPEG of the same size can crash DALI's decoder mid-run)", choices=("sha256", "size"))
+    prefetch_depth: int = _opt(2, "batches DALI prepares ahead of the one being trained on, per process (its "
+                               "prefetch_queue_depth); each holds one decoded batch in GPU memory (512 x 192 x 192 x 3 "
+                               "x 2 bytes = 113 MB at bf16)", check=("an integer >= 1", lambda v: v >= 1))
+    hw_decoder_load: float = _opt(-1.0, "share (0-1) of each batch's JPEGs that the GPU ('mixed') decoder sends to the "
+                                  "GPU's hardware JPEG decoder (A100, H100, H200), the rest to CUDA decoding with "
+                                  "host Huffman decoding; -1: by GPU (0.9 on H100/H200, DALI's default 0.65 "
+                                  "elsewhere); no effect on the CPU decoder",
+                                  check=("-1 (by GPU) or between 0 and 1", lambda v: v == -1 or 0 <= v <= 1))
 
 
 @dataclass(frozen=True)
@@ -337,8 +345,8 @@ def dump_yaml(cfg: Config, header: str = "") -> str:
 # Keys that change speed, logging or safety nets but not the weights a run ends with: a stopped run resumes
 # with new values of these without --run.resume=force (docs/RECIPES.md lists them).
 RESUME_SAFE = frozenset({
-    "data.num_threads", "data.decode", "data.verify", "model.compile", "model.init", "val.batch_size",
-    "val.every_epochs",
+    "data.num_threads", "data.decode", "data.verify", "data.prefetch_depth", "data.hw_decoder_load",
+    "model.compile", "model.init", "val.batch_size", "val.every_epochs",
     "checkpoint.every_minutes", "checkpoint.every_steps", "checkpoint.keep", "run.threads", "run.sync_every",
     "run.tensorboard", "run.deterministic", "run.resume", "run.memory_check", "run.dist_timeout_s",
 })

@@ -71,6 +71,9 @@ DECODE_MODES = ("auto", "fused", "split")
 NVJPEG_DEVICE_BYTES_PER_PIXEL = 18
 NVJPEG_HOST_BYTES_PER_PIXEL = 12
 MIB = 1 << 20
+DALI_HW_DECODER_LOAD = 0.65  # DALI's default share of a batch for the hardware JPEG decoder
+HW_DECODER_LOAD_AUTO = -1.0  # hw_decoder_load value meaning "choose by GPU" (default_hw_decoder_load)
+PREFETCH_DEPTH = 2  # batches DALI prepares ahead (its prefetch_queue_depth default)
 
 
 def dali_available() -> bool:
@@ -153,20 +156,34 @@ def _dali_output_type(dtype: torch.dtype):
 
 
 def _read_webdataset(fn, types, tars, idxs, *, world_size, rank, shuffle_buffer=0, pad_last_batch=False):
-    """jpegs (uint8 bytes) and labels (int64 [1]) of this rank's share of the samples."""
+    """jpegs (uint8 bytes) and labels (int64 [1]) of this rank's share of the samples.
+
+    lazy_init: the index files are parsed at the first run, not in `build()`. DALI holds the GIL for all of
+    build() (1.2 s for ImageNet's 1,281 .idx files, during which other Python threads stall) but releases it
+    while running, so an epoch's pipeline built ahead during validation no longer stalls the validation."""
     return fn.readers.webdataset(
         paths=[str(t) for t in tars], index_paths=[str(i) for i in idxs], ext=["jpg", "lbl"],
         dtypes=[types.UINT8, types.INT64], missing_component_behavior="error",
         num_shards=world_size, shard_id=rank, random_shuffle=shuffle_buffer > 0,
         initial_fill=max(shuffle_buffer, 1), pad_last_batch=pad_last_batch, stick_to_shard=pad_last_batch,
-        name="reader")
+        lazy_init=True, name="reader")
 
 
-def _decoder_args(device_id, max_side: int | None = None) -> dict:
-    """Decoder placement; on a GPU, nvJPEG's per-thread buffers sized for the shards' largest image."""
+def default_hw_decoder_load(device_id: int | None) -> float:
+    """The share of each batch for the GPU's hardware JPEG decoder when asked for "auto": 0.9 on compute
+    capability 9.x (H100/H200: NVIDIA's MLPerf runs use 0.99), else DALI's own default 0.65 (tuned on A100)."""
+    if device_id is None or not torch.cuda.is_available():
+        return DALI_HW_DECODER_LOAD
+    return 0.9 if torch.cuda.get_device_capability(device_id)[0] == 9 else DALI_HW_DECODER_LOAD
+
+
+def _decoder_args(device_id, max_side: int | None = None, hw_decoder_load: float = HW_DECODER_LOAD_AUTO) -> dict:
+    """Decoder placement; on a GPU, nvJPEG's per-thread buffers sized for the shards' largest image and the
+    share of each batch sent to the hardware JPEG decoder (the rest: CUDA decode with host Huffman decoding)."""
     if device_id is None:
         return {"device": "cpu"}
-    return {"device": "mixed", **nvjpeg_paddings(max_side)}
+    load = default_hw_decoder_load(device_id) if hw_decoder_load == HW_DECODER_LOAD_AUTO else hw_decoder_load
+    return {"device": "mixed", "hw_decoder_load": load, **nvjpeg_paddings(max_side)}
 
 
 def _normalize(fn, images, dtype, **kwargs):
@@ -175,13 +192,13 @@ def _normalize(fn, images, dtype, **kwargs):
 
 
 def val_transform(jpegs, *, res: int, crop_ratio: float, device_id: int | None, dtype: torch.dtype,
-                  max_side: int | None = None):
+                  max_side: int | None = None, hw_decoder_load: float = HW_DECODER_LOAD_AUTO):
     """The validation graph, encoded bytes -> normalised HWC res x res centre crops: decode, resize the shorter
     side to res / crop_ratio, crop the centre. Call it inside a DALI pipeline's `with` block. The trainer's
     validation and viz's folder decoder both build their graphs with it, so they see the same pixels.
     max_side: the largest image side, to size nvJPEG's buffers on a GPU (None: DALI sizes them itself)."""
     _, fn, types = dali_modules()
-    images = fn.decoders.image(jpegs, output_type=types.RGB, **_decoder_args(device_id, max_side))
+    images = fn.decoders.image(jpegs, output_type=types.RGB, **_decoder_args(device_id, max_side, hw_decoder_load))
     images = fn.resize(images, resize_shorter=res / crop_ratio)
     return _normalize(fn, images, _dali_output_type(dtype), crop=(res, res))
 
@@ -190,26 +207,32 @@ def build_train_pipeline(tars, idxs, *, batch_size: int, res: int, world_size: i
                          seed: int = 0, device_id: int | None = None, num_threads: int = 2,
                          dtype: torch.dtype = torch.float32, min_area: float = 0.08,
                          shuffle_buffer: int = SHUFFLE_BUFFER, checkpoint: str | bytes | None = None,
-                         decode: str = "fused", max_side: int | None = None):
+                         decode: str = "fused", max_side: int | None = None, prefetch_depth: int = PREFETCH_DEPTH,
+                         hw_decoder_load: float = HW_DECODER_LOAD_AUTO):
     """A built, checkpointable training pipeline: outputs (images HWC res x res, labels [B, 1] int64).
 
     decode: "fused" (decoders.image_random_crop, decodes only the crop) or "split" (decoders.image, then
-    random_resized_crop on the decoder's device: the fallback when the fused mixed decoder fails)."""
+    random_resized_crop on the decoder's device: the fallback when the fused mixed decoder fails).
+    prefetch_depth: batches prepared ahead of the one returned (each holds a decoded batch in memory).
+    hw_decoder_load: share of each batch for the hardware JPEG decoder on a GPU, or HW_DECODER_LOAD_AUTO (-1:
+    default_hw_decoder_load)."""
     if decode not in ("fused", "split"):
         raise ValueError(f"decode {decode!r}: expected 'fused' or 'split'")
+    _check_loader_tuning(prefetch_depth, hw_decoder_load)
     Pipeline, fn, types = dali_modules()
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                    enable_checkpointing=True, checkpoint=checkpoint, exec_dynamic=True)
+                    enable_checkpointing=True, checkpoint=checkpoint, exec_dynamic=True,
+                    prefetch_queue_depth=prefetch_depth)
     crop = {"random_area": [min_area, 1.0], "random_aspect_ratio": list(ASPECT_RANGE), "num_attempts": 10}
     with pipe:
         jpegs, labels = _read_webdataset(fn, types, tars, idxs, world_size=world_size, rank=rank,
                                          shuffle_buffer=shuffle_buffer)
+        decoder = _decoder_args(device_id, max_side, hw_decoder_load)
         if decode == "fused":
-            images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, **crop,
-                                                   **_decoder_args(device_id, max_side))
+            images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, **crop, **decoder)
             images = fn.resize(images, resize_x=res, resize_y=res)
         else:
-            images = fn.decoders.image(jpegs, output_type=types.RGB, **_decoder_args(device_id, max_side))
+            images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
             images = fn.random_resized_crop(images, size=[res, res], **crop)
         images = _normalize(fn, images, _dali_output_type(dtype), mirror=fn.random.coin_flip(probability=0.5))
         pipe.set_outputs(images, labels)
@@ -219,15 +242,18 @@ def build_train_pipeline(tars, idxs, *, batch_size: int, res: int, world_size: i
 
 def build_val_pipeline(tars, idxs, *, batch_size: int, res: int, crop_ratio: float = 224 / 256,
                        world_size: int = 1, rank: int = 0, device_id: int | None = None, num_threads: int = 2,
-                       dtype: torch.dtype = torch.float32, max_side: int | None = None):
+                       dtype: torch.dtype = torch.float32, max_side: int | None = None,
+                       prefetch_depth: int = PREFETCH_DEPTH, hw_decoder_load: float = HW_DECODER_LOAD_AUTO):
     """A built validation pipeline; each pass is ceil(ceil(N / W) / B) batches, padded with the last sample."""
+    _check_loader_tuning(prefetch_depth, hw_decoder_load)
     Pipeline, fn, types = dali_modules()
-    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0, exec_dynamic=True)
+    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0, exec_dynamic=True,
+                    prefetch_queue_depth=prefetch_depth)
     with pipe:
         jpegs, labels = _read_webdataset(fn, types, tars, idxs, world_size=world_size, rank=rank,
                                          pad_last_batch=True)
         images = val_transform(jpegs, res=res, crop_ratio=crop_ratio, device_id=device_id, dtype=dtype,
-                               max_side=max_side)
+                               max_side=max_side, hw_decoder_load=hw_decoder_load)
         pipe.set_outputs(images, labels)
     pipe.build()
     return pipe
@@ -316,6 +342,14 @@ def _pipeline_error(exc: Exception, tars: list[Path], infos: list[dict], split: 
 
 # ---------------------------------------------------------------------------------------------------
 
+def _check_loader_tuning(prefetch_depth: int, hw_decoder_load: float) -> None:
+    if isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, int) or prefetch_depth < 1:
+        raise ValueError(f"prefetch_depth {prefetch_depth!r}: must be an integer >= 1 (batches prepared ahead)")
+    if hw_decoder_load != HW_DECODER_LOAD_AUTO and not 0 <= hw_decoder_load <= 1:
+        raise ValueError(f"hw_decoder_load {hw_decoder_load}: must be in [0, 1] (share of each batch for the "
+                         f"hardware JPEG decoder) or {HW_DECODER_LOAD_AUTO:g} (by GPU)")
+
+
 def _check_common(batch_size: int, rank: int, world_size: int, device: str) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size}: must be >= 1")
@@ -375,8 +409,9 @@ class TrainLoader:
 
     def __init__(self, data_dir, batch_size, *, rank=0, world_size=1, seed=0, device="cpu", device_id=None,
                  num_threads=2, dtype=torch.float32, min_area=0.08, split="train", shuffle_buffer=SHUFFLE_BUFFER,
-                 with_keys=False, decode="auto"):
+                 with_keys=False, decode="auto", prefetch_depth=PREFETCH_DEPTH, hw_decoder_load=HW_DECODER_LOAD_AUTO):
         _check_common(batch_size, rank, world_size, device)
+        _check_loader_tuning(prefetch_depth, hw_decoder_load)
         if not 0 < min_area <= 1:
             raise ValueError(f"min_area {min_area}: must be in (0, 1]")
         if decode not in DECODE_MODES:
@@ -387,6 +422,7 @@ class TrainLoader:
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.device_id = _resolve_device_id(device, device_id)
         self.num_threads, self.dtype, self.min_area = num_threads, dtype, min_area
+        self.prefetch_depth, self.hw_decoder_load = prefetch_depth, hw_decoder_load
         self.shuffle_buffer = min(shuffle_buffer, self._total // world_size)
         self.with_keys = with_keys
         self.decode = decode
@@ -447,7 +483,8 @@ class TrainLoader:
                     tars, idxs, batch_size=self.batch_size, res=res, world_size=self.world_size, rank=self.rank,
                     seed=epoch_seed(self.seed, epoch, self.rank), device_id=self.device_id,
                     num_threads=self.num_threads, dtype=self.dtype, min_area=self.min_area,
-                    shuffle_buffer=self.shuffle_buffer, checkpoint=checkpoint, decode=mode, max_side=self.max_side)
+                    shuffle_buffer=self.shuffle_buffer, checkpoint=checkpoint, decode=mode, max_side=self.max_side,
+                    prefetch_depth=self.prefetch_depth, hw_decoder_load=self.hw_decoder_load)
                 if checkpoint is not None:  # a resumed epoch: its state must stay that of before any batch
                     return pipe, None, tars, infos
                 first = pipe.run() if host_sync_first else _run_pipe(pipe, self.device_id)
@@ -586,8 +623,11 @@ class ValLoader:
     """This rank's disjoint share of the validation images, each exactly once; see the module docstring."""
 
     def __init__(self, data_dir, batch_size, *, rank=0, world_size=1, res=224, crop_ratio=224 / 256, device="cpu",
-                 device_id=None, num_threads=2, dtype=torch.float32, split="val", with_keys=False):
+                 device_id=None, num_threads=2, dtype=torch.float32, split="val", with_keys=False,
+                 prefetch_depth=PREFETCH_DEPTH, hw_decoder_load=HW_DECODER_LOAD_AUTO):
         _check_common(batch_size, rank, world_size, device)
+        _check_loader_tuning(prefetch_depth, hw_decoder_load)
+        self.prefetch_depth, self.hw_decoder_load = prefetch_depth, hw_decoder_load
         if not 0 < crop_ratio <= 1:
             raise ValueError(f"crop_ratio {crop_ratio}: must be in (0, 1] (crop side / resized shorter side)")
         _dali_output_type(dtype)
@@ -613,7 +653,8 @@ class ValLoader:
                 self._pipe = build_val_pipeline(
                     tars, idxs, batch_size=self.batch_size, res=self.res, crop_ratio=self.crop_ratio,
                     world_size=self.world_size, rank=self.rank, device_id=self.device_id,
-                    num_threads=self.num_threads, dtype=self.dtype, max_side=self.max_side)
+                    num_threads=self.num_threads, dtype=self.dtype, max_side=self.max_side,
+                    prefetch_depth=self.prefetch_depth, hw_decoder_load=self.hw_decoder_load)
             except RuntimeError as exc:
                 raise _pipeline_error(exc, tars, self._infos, self._split) from exc
         return self._pipe
