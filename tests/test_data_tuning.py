@@ -73,3 +73,19 @@ def test_config_keys_are_checked_and_resume_safe():
         with pytest.raises(config.ConfigError, match=bad.split("=")[0]):
             config.resolve("rn50", [bad])
     assert {"data.prefetch_depth", "data.hw_decoder_load"} <= config.RESUME_SAFE
+
+
+def test_the_fused_decoder_probe_runs_once_per_process_at_the_real_batch_size(shards_dir, monkeypatch):
+    from train import decode_probe
+
+    calls = []
+    monkeypatch.setattr(decode_probe, "probe", lambda *a, **kw: calls.append(kw) or (False, "exit status 1"))
+    monkeypatch.setattr(data, "_PROBED", {})
+    shards = split_shards(shards_dir, "train")
+    tars, idxs = [t for t, _ in shards], [i for _, i in shards]
+    for batch_size in (96, 96, 32):
+        loader = TrainLoader(shards_dir, batch_size)
+        loader.device_id = 0  # as on a GPU: "auto" asks the probe (patched: no child process here)
+        with pytest.warns(RuntimeWarning, match="failed a test run"):
+            assert loader._resolve_decode(tars, idxs, 64) == "split"
+    assert [(c["batch_size"], c["timeout"]) for c in calls] == [(96, 60.0), (32, 60.0)]

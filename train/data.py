@@ -89,8 +89,9 @@ def dali_modules():
     try:
         from nvidia.dali import Pipeline, fn, types
     except ImportError as exc:
-        raise ImportError("NVIDIA DALI is not installed: `pip install nvidia-dali-cuda120` (Linux x86-64/aarch64), "
-                          "or use train.data.build_baseline_loader (torchvision DataLoader)") from exc
+        raise ImportError("NVIDIA DALI is not installed: `pip install nvidia-dali-cuda120` for a CUDA 12 driver or "
+                          "`nvidia-dali-cuda130` for CUDA 13 (nvidia-smi shows the driver's CUDA version; Linux "
+                          "x86-64/aarch64), or use train.data.build_baseline_loader (torchvision DataLoader)") from exc
     return Pipeline, fn, types
 
 
@@ -313,8 +314,10 @@ def batch_to_torch(images, labels, dtype: torch.dtype, classes: int) -> tuple[to
         raise DatasetError(f"label {int(low) if low < 0 else int(high)} outside 0..{classes - 1} in a batch: "
                            "a `.lbl` field is damaged or the shards belong to another manifest")
     if on_gpu:
-        # An async copy is safe only from memory torch owns; DALI may reuse its own buffer.
-        targets = targets.pin_memory()
+        # An async copy is safe only from memory torch owns (its pinned allocator keeps a block until the copy
+        # is done); DALI may reuse its own buffer. pin_memory() would hand back DALI's buffer itself when that
+        # is already pinned, so the labels are copied into a new pinned tensor.
+        targets = torch.empty(targets.shape, dtype=targets.dtype, pin_memory=True).copy_(targets)
     return nchw, targets.to(device, non_blocking=True)
 
 
@@ -381,6 +384,10 @@ def _run_pipe(pipe, device_id: int | None):
     if device_id is None:
         return pipe.run()
     return pipe.run(torch.cuda.current_stream(device_id))
+
+
+PROBE_TIMEOUT_S = 60.0  # the fused-decoder probe's child process; longer counts as a failure
+_PROBED: dict[tuple, tuple[bool, str]] = {}  # (device_id, batch_size, dtype, max_side) -> the probe's verdict
 
 
 class _Prepared:
@@ -462,8 +469,12 @@ class TrainLoader:
             return "fused"
         from train.decode_probe import probe
 
-        ok, detail = probe(tars, idxs, device_id=self.device_id, res=res, batch_size=min(self.batch_size, 64),
-                           max_side=self.max_side, dtype=self.dtype)
+        # At the real batch size (DALI sizes the hardware decoder by it), once per process and setting
+        key = (self.device_id, self.batch_size, self.dtype, self.max_side)
+        if key not in _PROBED:
+            _PROBED[key] = probe(tars, idxs, device_id=self.device_id, res=res, batch_size=self.batch_size,
+                                 max_side=self.max_side, dtype=self.dtype, timeout=PROBE_TIMEOUT_S)
+        ok, detail = _PROBED[key]
         self.decode_used = "fused" if ok else "split"
         if not ok:
             self._note(f"train.data: the fused GPU decoder (decoders.image_random_crop, mixed) failed a test "
