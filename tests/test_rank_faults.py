@@ -1,5 +1,5 @@
 """A dead or hung rank under torchrun (2 gloo processes on the CPU): SIGKILL of one worker with
---max-restarts=1 restarts both, which resume from the last checkpoint and end with the weights of a run
+--max-restarts restarts both, which resume from the last checkpoint and end with the weights of a run
 that was never killed; a rank stopped with SIGSTOP makes the other one stop after --run.dist_timeout_s with
 one line that names the collective."""
 
@@ -71,7 +71,9 @@ def start(cmd: list[str]) -> subprocess.Popen:
 
 def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_never_killed(shards_dir, tmp_path, two_rank_reference):
     out = tmp_path / "run"
-    proc = start(torchrun_cmd(shards_dir, out, restarts=1))
+    # more than one restart allowed: on a loaded machine a restarted round's gloo rendezvous can itself fail
+    # (connection refused to a peer still starting) and take one more restart; the run must still end the same
+    proc = start(torchrun_cmd(shards_dir, out, restarts=3))
     try:
         state = wait_for_checkpoint(out / "checkpoints" / "last.pt")
         victim = worker_pid(proc.pid, rank=1)

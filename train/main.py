@@ -238,7 +238,8 @@ class Training:
         loader_device = {"device": "gpu" if self.device_type == "cuda" else "cpu",
                          "device_id": dist.local_rank if self.device_type == "cuda" else None,
                          "num_threads": cfg.data.num_threads, "dtype": self.amp_dtype or torch.float32,
-                         "rank": dist.rank, "world_size": dist.world_size}
+                         "rank": dist.rank, "world_size": dist.world_size,
+                         "prefetch_depth": cfg.data.prefetch_depth, "hw_decoder_load": cfg.data.hw_decoder_load}
         from train import data  # DALI is imported here, not when this module is imported
 
         try:
