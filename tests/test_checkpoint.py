@@ -50,8 +50,8 @@ def assert_same_weights(run_a: Path, run_b: Path) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-def kill_after_first_checkpoint(shards_dir: Path, out: Path) -> None:
-    proc = start(train_cmd(shards_dir, out, *RESUMABLE))
+def kill_after_first_checkpoint(shards_dir: Path, out: Path, args: tuple[str, ...] = tuple(RESUMABLE)) -> None:
+    proc = start(train_cmd(shards_dir, out, *args))
     try:
         wait_for_line(proc, "checkpoint: ")
         proc.send_signal(signal.SIGKILL)
@@ -192,13 +192,7 @@ def test_accumulated_steps_resume_bit_identically(shards_dir, tmp_path):
     assert "6 steps of 32 images" in proc.stdout  # 12 batches of 16 per epoch -> 6 optimizer steps of 2 x 16
     assert metrics(whole)[-1]["step"] == 6
     out = tmp_path / "run"
-    proc = start(train_cmd(shards_dir, out, *accum))
-    try:
-        wait_for_line(proc, "checkpoint: ")
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_after_first_checkpoint(shards_dir, out, tuple(accum))
     state = checkpoint.load(out / "checkpoints" / "last.pt")
     assert state["epoch"] == 0 and state["step"] == 4 and state["ranks"][0]["data"]["step"] == 8  # batches, not steps
     resumed = run(train_cmd(shards_dir, out, *accum))
