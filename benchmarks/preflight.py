@@ -31,7 +31,8 @@ from train.model import build_model, build_optimizer
 arch, batch, res = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(1)
 cfg = config.resolve("rn50", [f"model.arch={arch}", f"data.batch_size={batch}"])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+page = __import__("os").sysconf("SC_PAGE_SIZE")
+before = int(open("/proc/self/statm").read().split()[1]) * page // 1024  # resident now, KiB (maxrss's unit)
 model = build_model(cfg.model, 1000).to(memory_format=torch.channels_last)
 optimizer = build_optimizer(model, cfg.optim, 0.1)
 criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
@@ -50,6 +51,9 @@ def measure_case(arch: str, batch: int, res: int) -> dict:
     out = subprocess.run([sys.executable, "-c", STEP, arch, str(batch), str(res)], capture_output=True, text=True,
                          env=env, timeout=1800, check=True).stdout
     peak = json.loads(out.strip().splitlines()[-1])["peak"]
+    if peak <= 0:  # the step stayed under the import's own high-water mark: nothing to compare
+        raise RuntimeError(f"{arch} batch {batch} at {res} px: too small to measure (peak RSS did not rise); "
+                           f"use a larger case")
     cfg = config.resolve("rn50", [f"model.arch={arch}", f"data.batch_size={batch}", f"schedule.res_min={res}",
                                   f"schedule.res_max={res}", "schedule.res_multiple=1"])
     parts = preflight.estimate_memory(cfg, 1000, amp_dtype=None, max_side=res)
