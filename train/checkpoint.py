@@ -17,6 +17,7 @@ so `torch.load(path, weights_only=True)` reads it:
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import shutil
@@ -73,6 +74,15 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_json_dict(path: Path) -> dict:
+    """A small JSON object file, or {} when it is missing, unreadable or not an object."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def link_atomic(src: Path, dst: Path) -> None:

@@ -79,11 +79,7 @@ class RunLock:
 
 
 def read_state(run_dir: Path) -> dict:
-    try:
-        state = json.loads((Path(run_dir) / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return state if isinstance(state, dict) else {}
+    return checkpoint.read_json_dict(Path(run_dir) / STATE_FILE)
 
 
 def write_state(run_dir: Path, state: str, **facts) -> None:

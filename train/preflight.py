@@ -14,7 +14,6 @@ process first and refuses in one line with the fix. The estimate:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,8 +21,10 @@ from pathlib import Path
 import torch
 
 from preprocess.manifest import split_shards
+from preprocess.writer import file_sha256  # the checksum preprocess.shard wrote into the manifest
 from train import checkpoint
 from train.config import Config
+from train.data import manifest_max_side
 
 GIB = 2**30
 ACTIVATION_PEAK = 1.5
@@ -33,8 +34,8 @@ HEADROOM = 0.9  # refuse above this fraction of what is available: the page cach
 
 
 def max_image_side(manifest: dict) -> int:
-    side = (manifest.get("settings") or {}).get("max_side")
-    return int(side) if side else 500
+    """The shards' longest image side (pixels); 500, preprocess.shard's default, when the manifest is silent."""
+    return manifest_max_side(manifest) or 500
 
 
 def bytes_per_sample(manifest: dict) -> int:
@@ -143,23 +144,11 @@ def memory_problem(estimate: dict[str, int], available: tuple[int, str], cfg: Co
             f"{have / GIB:.1f} GiB; use {batch}{smoke}, or --run.memory_check=false if you know better")
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 VERIFIED_FILE = ".verified.json"  # in the shard folder: {tar path: [size, mtime_ns, sha256]} of shards checked
 
 
 def read_verified(data_dir: Path) -> dict:
-    try:
-        cache = json.loads((Path(data_dir) / VERIFIED_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return cache if isinstance(cache, dict) else {}
+    return checkpoint.read_json_dict(Path(data_dir) / VERIFIED_FILE)
 
 
 def write_verified(data_dir: Path, cache: dict) -> None:
