@@ -39,23 +39,22 @@ re-run redoes the shards whose source items changed, and says which, even when t
 settings are the same; the fingerprints never enter the tars, so unchanged sources keep their bytes.
 
 Exit status: 0 done; 2 bad flag, unreadable source or --out, remote source that cannot be reached or
-read (one line on stderr naming it and the fix); 75 (EX_TEMPFAIL, "resume me", as train.main) stopped
+read (one line on stderr naming it and the fix); 5 a worker process died (out of memory?): finished
+shards are kept, re-run with fewer --workers; 75 (EX_TEMPFAIL, "resume me", as train.main) stopped
 by Ctrl-C or SIGTERM: finished shards are kept, re-run the same command to resume.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import contextlib
 import hashlib
 import itertools
 import json
-import multiprocessing as mp
 import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, replace
@@ -67,6 +66,7 @@ from tqdm import tqdm
 from preprocess.encode import MODES as REENCODE_MODES
 from preprocess.encode import NOT_CONVERSIONS, UndecodableImage, reencode
 from preprocess.manifest import FORMAT_VERSION, MANIFEST, mix_stats
+from preprocess.pool import WorkerDied, Workers
 from preprocess.remote import RemoteError, redact
 from preprocess.sources import (SampleRef, SourceError, classes_json, describe, open_source, public_url, read_bytes,
                                 refs_digest, row_group_images)
@@ -79,6 +79,7 @@ WORK_DIR = ".work"  # pass-1 chunks of two-pass splits; deleted once the manifes
 # shards are written, so the disk peaks near (1 + 1/MIX_GROUPS) x the shards' size, not twice it.
 MIX_GROUPS = 16
 EXIT_ERROR = 2
+EXIT_WORKER_DIED = 5  # a worker process was lost (killed, out of memory), as train.main's lost rank
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on request, re-run the same command to resume (as train.main)
 
 
@@ -434,38 +435,12 @@ class Progress:
         bar = tqdm(total=total, unit="img", disable=not self.enabled or total == 0, desc=desc, dynamic_ncols=True,
                    smoothing=0.05)
         try:
-            results = pool.imap_unordered(_run_job, jobs) if pool is not None else map(_run_job, jobs)
+            results = pool.imap_unordered(jobs) if pool is not None else map(_run_job, jobs)
             for kind, where, summary in results:
                 bar.update(summary["planned"] if kind == "shard" else len(summary["samples"]))
                 yield kind, where, summary
         finally:
             bar.close()
-
-
-def _leave(signum, frame):
-    raise SystemExit(128 + signum)
-
-
-def _worker_signals() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Leave through Python, releasing the pool's queue locks: a worker killed while it waits for a task
-    # dies holding the task queue's lock, and the parent's Pool.terminate() then waits for it forever.
-    signal.signal(signal.SIGTERM, _leave)
-
-
-def start_pool(workers: int):
-    """Worker processes that ignore SIGINT: Ctrl-C reaches the whole process group, and the parent alone
-    stops the run (terminating the workers) instead of every worker printing a traceback. SIGINT is
-    ignored in the parent while they start, because an ignored signal stays ignored across exec: a worker
-    still importing is covered too; the initializer covers workers the pool starts later."""
-    pool = functools.partial(mp.get_context("spawn").Pool, workers, initializer=_worker_signals)
-    if threading.current_thread() is not threading.main_thread():
-        return pool()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        return pool()
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def describe_stale(split: str, stale: list[tuple[int, str]]) -> str:
@@ -548,9 +523,9 @@ def run(src: str | None, out: Path, *, fmt: str = "auto", splits: tuple[str, ...
     encoded = sum(t.samples() if isinstance(t, ChunkTask) else len(t.refs) for t in phase1)
 
     start = time.perf_counter()
-    pool = start_pool(workers) if workers > 1 else None
     bars = Progress(progress)
-    try:
+    busy = phase1 or any(todo.get(split) for split in two_pass)
+    with Workers(workers, _run_job) if workers > 1 and busy else contextlib.nullcontext() as pool:
         desc = "encoding (pass 1 of 2)" if two_pass else "encoding"
         for kind, (split, index), summary in bars.run(pool, phase1, encoded, desc):
             if kind == "shard":
@@ -572,9 +547,6 @@ def run(src: str | None, out: Path, *, fmt: str = "auto", splits: tuple[str, ...
             group_left[(split, group)] -= 1
             if group_left[(split, group)] == 0:
                 shutil.rmtree(out / WORK_DIR / split / f"group-{group:03d}", ignore_errors=True)
-    finally:
-        if pool is not None:
-            pool.terminate()
     elapsed = time.perf_counter() - start
 
     manifest = {
@@ -600,7 +572,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m preprocess.shard",
         epilog="Exit status: 0 done; 2 bad flag or input, or a remote source that cannot be reached or read (one "
-               "line on stderr with the fix); 75 stopped by Ctrl-C or SIGTERM: finished shards are kept, re-run "
+               "line on stderr with the fix); 5 a worker process died (out of memory?): finished shards are kept, "
+               "re-run with fewer --workers; 75 stopped by Ctrl-C or SIGTERM: finished shards are kept, re-run "
                "the same command to resume (OUT/.work/ holds pass-1 data of a parquet train split, reused then "
                "deleted). A re-run also redoes the shards whose source files changed (size, mtime or ETag).",
         description="Convert ImageNet-1k (Hugging Face parquet, ImageFolder or Tiny-ImageNet-200) into WebDataset "
@@ -665,6 +638,10 @@ def main(argv=None) -> int:
     except (SourceError, RemoteError) as exc:
         print(f"preprocess.shard: error: {redact(str(exc), args.src)}", file=sys.stderr)
         return EXIT_ERROR
+    except WorkerDied as exc:
+        print(f"preprocess.shard: error: {exc}; finished shards are kept: re-run the same command to resume, "
+              f"with fewer --workers (now {args.workers}) if memory ran out", file=sys.stderr)
+        return EXIT_WORKER_DIED
     except KeyboardInterrupt:
         print(f"preprocess.shard: interrupted; finished shards are kept: re-run the same command to resume "
               f"({args.out / WORK_DIR}/ holds pass-1 data of a parquet train split, reused then deleted)",

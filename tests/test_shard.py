@@ -66,7 +66,8 @@ def read_back(data_dir: Path, split: str) -> dict[str, tuple[int, bytes]]:
 
 def shard_cli(*args, check=True):
     result = subprocess.run([sys.executable, "-m", "preprocess.shard", "--no-progress", *map(str, args)],
-                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            timeout=600)
     if check:
         assert result.returncode == 0, result.stderr
     return result

@@ -1,6 +1,7 @@
 """Ctrl-C (and SIGTERM) in `python -m preprocess.shard`, sent to the whole process group as a terminal does:
 one hint line and exit 75, no worker tracebacks, and re-running the same command finishes with the bytes of
-an uninterrupted run."""
+an uninterrupted run. A worker killed as the out-of-memory killer would (SIGKILL to that worker alone): one
+line and exit 5, never a hang, and the same resume."""
 
 from __future__ import annotations
 
@@ -37,31 +38,72 @@ def reference(source, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_interrupt_is_one_line_exit_75_and_resumes_to_identical_bytes(signum, source, reference, tmp_path):
-    out = tmp_path / "out"
-    args = ["--src", source, "--out", out, *ARGS]
+def workers_of(pid: int) -> list[int]:
+    """The spawned worker processes of `pid` (not multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    found = []
+    for child in children:
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        if b"spawn_main" in cmdline:
+            found.append(int(child))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def run_until_a_shard_is_written(out: Path, args: list) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "preprocess.shard", "--no-progress", "--workers", "2",
                              *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+    # The val shards are written first, while both workers still have the train split to encode.
+    deadline = time.monotonic() + 120
+    while not list(out.glob("val/shard-*.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return proc
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, "worker-killed"],
+                         ids=["ctrl-c", "sigterm", "worker-killed"])
+def test_interrupt_is_one_line_exit_75_and_resumes_to_identical_bytes(signum, source, reference, tmp_path):
+    out = tmp_path / "out"
+    args = ["--src", source, "--out", out, *ARGS]
+    proc = run_until_a_shard_is_written(out, args)
     try:
-        # The val shards are written first, while both workers still have the train split to encode.
-        deadline = time.monotonic() + 120
-        while not list(out.glob("val/shard-*.json")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
         assert proc.poll() is None and list(out.glob("val/shard-*.json")), "no shard finished while it ran"
-        os.killpg(proc.pid, signum)  # the whole group, workers included, as a terminal's Ctrl-C
-        _, stderr = proc.communicate(timeout=60)
+        workers = workers_of(proc.pid)
+        assert len(workers) == 2, workers
+        if signum == "worker-killed":
+            os.kill(workers[0], signal.SIGKILL)  # as the out-of-memory killer: that worker alone, no warning
+        else:
+            os.killpg(proc.pid, signum)  # the whole group, workers included, as a terminal's Ctrl-C
+        _, stderr = proc.communicate(timeout=60)  # multiprocessing.Pool waited forever for the lost task
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert not (out / "manifest.json").exists(), "the run finished before it could be interrupted"
-    assert proc.returncode == shard.EXIT_INTERRUPTED == 75, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
-    assert "re-run the same command to resume" in lines[0] and f"{out / '.work'}/" in lines[0]
+    if signum == "worker-killed":
+        assert proc.returncode == shard.EXIT_WORKER_DIED == 5, stderr
+        assert "a worker process died (killed by SIGKILL" in lines[0] and "fewer --workers" in lines[0], lines[0]
+    else:
+        assert proc.returncode == shard.EXIT_INTERRUPTED == 75, stderr
+        assert "re-run the same command to resume" in lines[0] and f"{out / '.work'}/" in lines[0]
+    deadline = time.monotonic() + 30  # no worker outlives the run (a zombie awaiting its reaper is gone too)
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in workers if alive(pid)], "workers outlived the run"
     resumed = shard_cli(*args, "--workers", 2)
     assert "already complete" in resumed.stdout  # the interrupted run's finished shards were kept
     assert tree_bytes(out) == tree_bytes(reference)
