@@ -89,3 +89,37 @@ def test_cli_rejects_a_folder_without_shards(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "manifest.json" in err, err
     assert not (tmp_path / "run").exists()
+
+
+# Words that name a unit or a quantity's scale in a key's help text (README: "`--help` lists every key with
+# its unit"). Keys that are plain numbers of no unit (a learning rate, a coefficient, a seed) are listed apart.
+UNITS = ("pixels", "epochs", "images", "minutes", "seconds", "steps", "step", "threads", "batches", "fraction",
+         "share", "checkpoints", "(0-1)", "/ resized")
+DIMENSIONLESS = {"optim.lr_per_256", "optim.lr", "optim.momentum", "optim.weight_decay", "optim.label_smoothing",
+                 "run.seed"}
+
+
+def test_help_lists_every_key_with_its_default_and_unit(capsys):
+    import dataclasses
+
+    from train.main import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    numeric = []
+    for section, cls in config.SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            default = f.default
+            shown = "true" if default is True else "false" if default is False else \
+                "''" if default == "" else str(default)
+            line = f"  --{key}={shown}\n"
+            assert line in text, f"{key} (default {shown}) is not in --help"
+            help_text = text.split(line, 1)[1].split("\n  --", 1)[0]
+            assert " ".join(help_text.split()) == " ".join(f.metadata["help"].split()), key
+            if isinstance(default, (int, float)) and not isinstance(default, bool) and key not in DIMENSIONLESS:
+                numeric.append(key)
+                assert any(unit in help_text for unit in UNITS), f"--{key}: its help names no unit: {help_text!r}"
+    assert len(numeric) >= 20  # the rule above was applied, not skipped

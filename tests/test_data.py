@@ -141,6 +141,18 @@ def test_epochs_differ_and_the_same_seed_repeats_them(shards_dir):
     assert other_seed != keys0
 
 
+def test_one_and_two_dali_threads_give_bit_identical_batches(shards_dir):
+    """README: data.num_threads is a speed knob only (RESUME_SAFE): the random crops and flips follow the
+    pipeline's seed, not which thread decoded a sample."""
+    one = run_epoch(TrainLoader(shards_dir, 20, seed=3, num_threads=1, with_keys=True), 1, 32)
+    two = run_epoch(TrainLoader(shards_dir, 20, seed=3, num_threads=2, with_keys=True), 1, 32)
+    assert one[0] == two[0] and len(one[1]) == len(two[1]) == 10
+    assert all(torch.equal(a, b) for a, b in zip(one[1], two[1]))
+    assert all(torch.equal(a, b) for a, b in zip(one[2], two[2]))
+    other = run_epoch(TrainLoader(shards_dir, 20, seed=4, num_threads=2, with_keys=True), 1, 32)
+    assert not all(torch.equal(a, b) for a, b in zip(one[1], other[1]))  # the comparison can tell batches apart
+
+
 # -- resume ---------------------------------------------------------------------------------------
 
 RESUME_SCRIPT = """

@@ -315,3 +315,26 @@ def test_real_imagenet_photos_shard_with_exact_counts(tmp_path):
             assert image.mode == "RGB" and max(image.size) <= 500
     names = {c["wnid"]: c["name"] for c in load_manifest(out)["classes"]}
     assert names["n01443537"] == "goldfish"
+
+
+def test_unlabelled_test_split_keeps_label_minus_one_and_the_source_order(tmp_path):
+    """ILSVRC's HF test split has no labels (-1): `--splits test` stores every image with label -1 in the
+    parquet row order, counts no class, and leaves train/val alone."""
+    from preprocess import synthetic
+
+    names = synthetic.class_names(10)
+    rows = synthetic.generate_split("val", 10, 3, 64, seed=5)
+    for row in rows:
+        row["label"] = -1
+    synthetic.write_hf_parquet(rows, tmp_path / "src", "test", names, rows_per_file=20, rows_per_group=7)
+    write_synthetic_parquet(tmp_path / "src", per_class=2, val_per_class=1, size=64)  # train/val beside it
+    out = tmp_path / "out"
+    shard.run(str(tmp_path / "src"), out, splits=("test",), images_per_shard=8, workers=1, progress=False)
+    manifest = load_manifest(out)
+    assert list(manifest["splits"]) == ["test"] and not (out / "train").exists()
+    test = manifest["splits"]["test"]
+    assert test["images"] == len(rows) == 30 and test["per_class"] == [0] * 10 and not test["skipped"]
+    assert [s["images"] for s in test["shards"]] == [8, 8, 8, 6]
+    stored = read_back(out, "test")
+    assert list(stored) == [r["image"]["path"].rsplit(".", 1)[0] for r in rows]  # the source's order
+    assert {label for label, _ in stored.values()} == {-1}

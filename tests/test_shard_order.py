@@ -20,6 +20,7 @@ import webdataset as wds
 from preprocess import shard, synthetic
 from preprocess.manifest import DatasetError, class_sorted_problem, load_manifest, split_shards
 from tests.test_shard import shard_bytes, shard_cli, tree_bytes
+from tests.conftest import write_synthetic_parquet
 from tests.test_train import train_cmd
 from train import config
 from train.main import check_data
@@ -184,3 +185,35 @@ def test_unknown_mix_is_refused_with_the_reason(sorted_shards, tmp_path):
     (tmp_path / "train").mkdir()  # the tars are elsewhere; no per-shard summaries here
     problem = class_sorted_problem(tmp_path, manifest)
     assert problem and "cannot tell" in problem
+
+
+def test_pass_one_data_is_deleted_a_sixteenth_at_a_time(tmp_path, monkeypatch):
+    """README: the parquet train split is mixed from pass-1 data in `.work/`, which is deleted one group
+    (1/16 of the split) at a time as soon as that group's shards are written, so the disk never holds the
+    split twice."""
+    src = tmp_path / "src"
+    write_synthetic_parquet(src, per_class=16, val_per_class=1, size=48)  # 160 train images
+    out = tmp_path / "out"
+    work = out / shard.WORK_DIR / "train"
+    events = []
+    real_rmtree = shard.shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        path = Path(path)
+        if path.parent == work and path.name.startswith("group-"):
+            written = sorted(int(p.stem.removeprefix("shard-")) for p in (out / "train").glob("shard-*.json"))
+            left = sorted(p.name for p in work.glob("group-*"))
+            work_bytes = sum(p.stat().st_size for p in work.rglob("*.bin"))
+            events.append((path.name, written, left, work_bytes))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shard.shutil, "rmtree", rmtree)
+    shard.run(str(src), out, splits=("train",), images_per_shard=5, workers=1, progress=False)  # 32 shards
+    assert [name for name, *_ in events] == [f"group-{g:03d}" for g in range(shard.MIX_GROUPS)] == \
+        [f"group-{g:03d}" for g in range(16)]
+    first_bytes = events[0][3]
+    for g, (name, written, left, work_bytes) in enumerate(events):
+        assert written == list(range(2 * g + 2)), name  # deleted right after its 2 shards, before the next group's
+        assert left == [f"group-{h:03d}" for h in range(g, 16)]  # the later groups are still there
+        assert work_bytes <= first_bytes * (16 - g) / 16 * 1.3  # about a sixteenth less each time
+    assert not work.exists() and load_manifest(out)["splits"]["train"]["images"] == 160
