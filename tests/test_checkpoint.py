@@ -75,21 +75,27 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(shards_dir, tmp_path, re
                             for r, m in zip(metrics(reference), metrics(out))]  # same losses and accuracies
 
 
-def test_sigterm_saves_and_exits_75_then_resumes(shards_dir, tmp_path, reference):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["sigterm", "sigusr1"])
+def test_sigterm_saves_and_exits_75_then_resumes(signum, shards_dir, tmp_path, reference):
+    """SIGTERM (spot reclaim, `sky jobs cancel`) and SIGUSR1 (deploy/aws/spot_watcher.py's spot notice) on the
+    real trainer: a mid-epoch save and exit 75. The SIGUSR1 run stops there; its resume is SIGTERM's."""
     out = tmp_path / "run"
     proc = start(train_cmd(shards_dir, out, *RESUMABLE))
     try:
         wait_for_line(proc, "epoch 1/2: res")
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         rest = proc.communicate(timeout=120)[0]
     finally:
         proc.kill()
     assert proc.returncode == 75, rest
-    assert "stopped by SIGTERM" in rest
+    assert f"stopped by {signal.Signals(signum).name}" in rest
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert state["epoch"] == 0 and 0 < state["step"] < 12  # stopped inside the first epoch: not a trivial resume
     assert {"model", "optimizer", "scaler", "ema", "ranks", "config", "epoch", "step"} <= set(state)
     assert state["config"]["checkpoint"]["every_steps"] == 4
+    assert json.loads((out / "run.json").read_text())["state"] == "stopped"
+    if signum != signal.SIGTERM:
+        return
     resumed = run(train_cmd(shards_dir, out, *RESUMABLE))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights(reference, out)

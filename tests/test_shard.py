@@ -173,8 +173,11 @@ def test_killed_run_resumes_to_identical_bytes(odd_source, odd_shards, tmp_path)
     deadline = time.monotonic() + 60
     while not list((tmp_path / "train").glob("*.json")) and time.monotonic() < deadline:
         time.sleep(0.01)
+    # Killed alive, after a shard was finished: a kill that came too late or too early would prove nothing.
+    alive, finished = proc.poll() is None, list((tmp_path / "train").glob("*.json"))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert alive and finished, f"alive {alive}, finished shards {finished}"
     assert not (tmp_path / "manifest.json").exists(), "the run finished before it could be killed"
     shard_cli(*args, "--workers", 2)
     assert tree_bytes(tmp_path) == tree_bytes(odd_shards)  # same bytes as an uninterrupted run

@@ -127,8 +127,10 @@ def test_kill_in_either_pass_resumes_to_identical_bytes(phase, marker, rows, sor
     deadline = time.monotonic() + 120
     while not list(out.glob(marker)) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.002)
+    alive, seen = proc.poll() is None, list(out.glob(marker))  # killed alive, in the pass that was asked for
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert alive and seen, f"alive {alive}, {marker}: {seen}"
     assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
     if phase == "encode":
         assert not list(out.glob("train/shard-*.json")), "killed too late: the mix pass had begun"
