@@ -63,7 +63,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-H200_BF16_TFLOPS = 790.0  # dense bf16 matrix products measured on the project's H200 (8192^3, torch)
 TRAIN_GFLOP_224 = 24.6  # forward + backward of ResNet-50 per 224 px image (as benchmarks.train_step)
 EXIT_RESUME = 75  # train.main: stopped by a signal after saving, run again to resume
 # left out of the exported archive: shards, images, checkpoints and weights (each file that comes back must be
@@ -566,12 +565,15 @@ def collect_figures(stages: dict, gpu_name: str) -> dict:
             out["dali"][f"{row['pipeline']} {row['res']} px {row['threads']} thr"] = row["images/s"]
         else:
             out["baseline"][f"{row['res']} px {row['threads']} workers"] = row["images/s"]
-    peak = H200_BF16_TFLOPS if "H200" in gpu_name else None
+    from benchmarks.train_step import bf16_peak_tflops
+
+    peak = bf16_peak_tflops(gpu_name)  # the datasheet's dense bf16 peak, the one benchmarks.train_step uses
     for row in eager + compiled:
         kind = row["step"] + (" compiled" if row.get("compile") else "")
         tflops = row["images/s"] * TRAIN_GFLOP_224 * (row["res"] / 224) ** 2 / 1000
         out["step"][f"{kind} {row['res']} px"] = {"images/s": row["images/s"], "TFLOP/s": round(tflops, 1),
-                                                  "% of 790 TFLOP/s": round(100 * tflops / peak, 1) if peak else None}
+                                                  "peak TFLOP/s": peak,
+                                                  "% of peak": round(100 * tflops / peak, 1) if peak else None}
     ours = {r["res"]: r["images/s"] for r in eager if r["step"] == "ours"}
     ours.update({r["res"]: r["images/s"] for r in compiled})  # the compiled rate where measured
     ref = {r["res"]: r["images/s"] for r in eager if r["step"] == "reference"}
@@ -630,7 +632,8 @@ def figure_lines(f: dict) -> list[str]:
     lines += [f"| {key} images/s | {_rate(value)} |" for key, value in f["dali"].items()]
     lines += [f"| torchvision DataLoader {key} images/s | {_rate(value)} |" for key, value in f["baseline"].items()]
     for key, value in f["step"].items():
-        pct = f", {value['% of 790 TFLOP/s']}% of 790 TFLOP/s" if value["% of 790 TFLOP/s"] is not None else ""
+        pct = (f", {value['% of peak']}% of the datasheet's {value['peak TFLOP/s']:g}"
+               if value["% of peak"] is not None else "")
         lines.append(f"| step {key} images/s | {_rate(value['images/s'])} ({value['TFLOP/s']} TFLOP/s{pct}) |")
     lines += [f"| {key} | {value:.2f}x |" for key, value in f["ratios"].items()]
     for e in f["train_main"].get("epochs", []):
