@@ -17,9 +17,15 @@ $(SKY)/bin/.installed:
 	$(SKY)/bin/pip install -q 'skypilot>=0.14'
 	touch $@
 
+# What the demo needs (the package and its runtime requirements) ...
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# ... and what only the tests need on top (pytest, moto, selenium, onnx/onnxruntime for the export test).
+$(BIN)/.installed-dev: $(BIN)/.installed setup.cfg pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
@@ -40,7 +46,7 @@ demo: install
 	$(BIN)/python -m viz.plots $(DEMO)/run --output $(DEMO)/curves.png
 	$(BIN)/python -m viz.report $(DEMO)/run --data $(DEMO)/shards --output $(DEMO)/report
 
-test: install $(SKY)/bin/.installed
+test: $(BIN)/.installed-dev $(SKY)/bin/.installed
 	HF_HUB_OFFLINE=1 SKYPILOT_PYTHON=$(abspath $(SKY))/bin/python $(BIN)/python -m pytest -q
 
 clean-demo:
@@ -67,7 +73,7 @@ MUTANTS_datasets   = viz/datasets.py tests/test_recipe_datasets.py tests/test_la
 
 mutation: $(addprefix mutation-,$(MUTATE))
 
-mutation-%: | $(BIN)/.installed
+mutation-%: | $(BIN)/.installed-dev
 	@test -n "$(MUTANTS_$*)" || { echo "make mutation: no MUTANTS_$* (known: $(MUTATE))"; exit 2; }
 	$(BIN)/pip install -q 'mutmut>=3.8,<4'
 	rm -rf $(MUTATION_DIR)/$* && mkdir -p $(MUTATION_DIR)/$*
