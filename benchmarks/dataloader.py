@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import append_result, cpu_description
+from benchmarks.report import add_report_flags, append_result, cpu_description, report_path
 from preprocess.manifest import MANIFEST, load_manifest, split_shards
 from preprocess.writer import ShardWriter, shard_name
 from train import data
@@ -165,9 +165,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="also append each row to this file as a JSON line")
     p.add_argument("--images", type=int, default=320, help="synthetic images to write when no --data")
     p.add_argument("--max-side", type=int, default=500, help="longest side of synthetic images, pixels")
-    p.add_argument("--report", type=Path, default=None,
-                   help="markdown file to append the result to (default: $BENCHMARKS_FILE or docs/BENCHMARKS.md)")
-    p.add_argument("--no-report", action="store_true", help="print the table only")
+    add_report_flags(p)
     p.add_argument("--notes", default="", help="free text stored with the result (e.g. what else ran on the machine)")
     args = p.parse_args(argv)
     if args.threads is None:
@@ -224,11 +222,12 @@ def main(argv=None) -> int:
             data_dir, source = args.data, str(args.data)
         rows = run(args, data_dir)
     print_table(rows)
-    if not args.no_report:
+    target = report_path(args.report, args.no_report)
+    if target is not None:
         notes = (f"data: {source}. 1-min load average at start {load:.2f} on {os.cpu_count()} cores "
                  f"(shared machine: other jobs may have been running). {args.notes}").strip()
         command = "python -m benchmarks.dataloader " + shlex.join(sys.argv[1:] if argv is None else argv)
-        path = append_result("Dataloader", rows, command, describe(args.device), notes, path=args.report)
+        path = append_result("Dataloader", rows, command, describe(args.device), notes, path=target)
         print(f"appended to {path}")
     first = next(r for r in rows if r["pipeline"].startswith("dali-"))
     print(f"dali-{args.device} images/s: {first['images/s']}")

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.report import add_report_flags, append_result, cpu_description, report_path
+
 
 def timed(cmd: list[str]) -> float:
     start = time.perf_counter()
@@ -32,8 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=None, help="existing shards (default: build the synthetic demo set)")
     p.add_argument("--config", default="smoke", help="training preset or YAML (default smoke)")
     p.add_argument("--work", type=Path, default=None, help="folder for the outputs (default: a temp folder)")
-    p.add_argument("--report", type=Path, default=None, help="markdown file to append to (default docs/BENCHMARKS.md)")
-    p.add_argument("--no-report", action="store_true", help="print only")
+    add_report_flags(p)
     p.epilog = "Any --section.key=value argument is passed on to train.main, e.g. --schedule.epochs=2."
     args, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if not (o.startswith("--") and "." in o.split("=", 1)[0])]
@@ -68,13 +69,13 @@ def main(argv=None) -> int:
     for row in rows:
         print(f"{row['stage']:>16}: {row['seconds']:8.1f} s")
     print(summary)
-    if not args.no_report:
-        from benchmarks.report import append_result, cpu_description
-
+    target = report_path(args.report, args.no_report)
+    if target is not None:
         command = "python -m benchmarks.end_to_end " + shlex.join(argv if argv is not None else sys.argv[1:])
         append_result("End to end", rows, command=command.strip(), device=cpu_description(),
                       notes=f"data: {args.data or 'built-in synthetic set (10 classes, 1200 train / 300 val, 96 px)'}; "
-                            f"preset {args.config}; {summary}", path=args.report)
+                            f"preset {args.config}; {summary}", path=target)
+        print(f"appended to {target}")
     print(f"end-to-end top-1: {100 * last['top1']:.2f}")
     return 0
 

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.report import append_result, cpu_description
+from benchmarks.report import add_report_flags, append_result, cpu_description, report_path
 
 STEP = r"""
 import json, sys, torch
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated arch:batch:res (pixels) training steps to measure")
     parser.add_argument("--shards", type=Path, help="a shard folder to hash (default: random bytes in memory)")
     parser.add_argument("--hash-mib", type=int, default=256, help="MiB of random bytes to hash without --shards")
-    parser.add_argument("--report", type=Path, help="append the table to this markdown file")
+    add_report_flags(parser)
     args = parser.parse_args(argv)
     rows = []
     for case in args.cases.split(","):
@@ -106,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         print(rows[-1], flush=True)
     rows.append(hash_rate(args.shards, args.hash_mib))
     print(rows[-1])
-    if args.report:
+    target = report_path(args.report, args.no_report)
+    if target is not None:
         load = os.getloadavg()[0]
         append_result("Pre-flight", rows, "python -m benchmarks.preflight " + " ".join(argv or sys.argv[1:]),
-                      f"{cpu_description()}, load average {load:.1f}", path=args.report)
-        print(f"appended to {args.report}")
+                      f"{cpu_description()}, load average {load:.1f}", path=target)
+        print(f"appended to {target}")
     return 0
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchmarks.report import add_report_flags, append_result, cpu_description, report_path
 from preprocess import encode, shard
 from preprocess.sources import IMAGE_SUFFIXES, SourceError, image_files, open_source, read_bytes
 
@@ -177,8 +178,7 @@ def main(argv=None) -> int:
     p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
     p.add_argument("--reencode", default="auto", choices=encode.MODES, help="mode of the preprocess.shard runs (default auto)")
     p.add_argument("--images-per-shard", type=int, default=50, help="(default 50: enough shards to keep workers busy)")
-    p.add_argument("--report", type=Path, default=None, help="markdown file to append to (default docs/BENCHMARKS.md)")
-    p.add_argument("--no-report", action="store_true", help="print only")
+    add_report_flags(p)
     args = p.parse_args(argv)
     if not args.workers and not args.encoders:
         p.error("nothing to measure: give --workers or --encoders")
@@ -205,9 +205,8 @@ def main(argv=None) -> int:
             print(" | ".join(table[0]))
             for row in table:
                 print(" | ".join(str(v) for v in row.values()))
-    if not args.no_report:
-        from benchmarks.report import append_result, cpu_description
-
+    target = report_path(args.report, args.no_report)
+    if target is not None:
         data = args.src or f"{args.images} generated photo-like JPEGs (benchmarks.photos), quality 95"
         subset = (f", fixed subset of {args.limit}" if args.limit else "") + (f", each listed {args.repeat}x" if args.repeat > 1 else "")
         command = "python -m benchmarks.preprocess " + shlex.join(argv if argv is not None else sys.argv[1:])
@@ -220,10 +219,11 @@ def main(argv=None) -> int:
                                         "rounds by wall clock and by this process's CPU time (x before uses CPU "
                                         "time). before = full-size decode and re-encode of every image (the "
                                         "encoder before issue 9); auto/keep/always = the --reencode modes.",
-                          path=args.report)
+                          path=target)
         if rows:
             append_result("Preprocessing", rows, command=command, device=cpu_description(), notes=notes,
-                          path=args.report)
+                          path=target)
+        print(f"appended to {target}")
     if encoder_rows:
         print("encoder images per CPU-s (x before): " + ", ".join(
             f"{r['encoder']} {r['images per CPU-s']} ({r['x before (CPU)']})" for r in encoder_rows))

@@ -7,8 +7,9 @@
 Stages, each as a user would run it: `preprocess.shard` turns the ImageFolder into WebDataset shards (skipped
 with --shards), then one `python -m train.main --config imagenette` run per epoch count (and per ablation),
 then `python -m viz.plots` draws each run's curves. The table (top-1, top-5, wall time, training images/s)
-sits beside the fastai Imagenette leaderboard at 128 px and is appended to docs/BENCHMARKS.md, with the
-per-epoch top-1 curve of every run in the notes; OUT/proxy.json keeps the same results for scripts.
+sits beside the fastai Imagenette leaderboard at 128 px and is printed with the per-epoch top-1 curve of
+every run; `--report FILE` appends both as an entry (docs/BENCHMARKS.md keeps the ones worth keeping);
+OUT/proxy.json keeps the same results for scripts.
 
 Protocols (each a default, any flag or `--section.key=value` override wins):
   cuda  5 and 20 epochs, resolution ramp 96 -> 128 px, every image of train, validation each epoch: the
@@ -41,6 +42,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from benchmarks.report import add_report_flags, append_result, report_path
 
 PRESET = "imagenette"
 RES_MULTIPLE = 16  # pixels; the preset's schedule.res_multiple
@@ -271,8 +274,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                    help="train every run once per seed (--run.seed) and summarise mean and spread (default: 0)")
     p.add_argument("--out", type=Path, default=None, help="work folder: shards/, runs/, proxy.json (default runs/proxy-DEVICE)")
     p.add_argument("--threads", type=int, default=None, help="DALI threads (default: the preset's 8 on cuda, all cores on cpu)")
-    p.add_argument("--report", type=Path, default=None, help="markdown file to append to (default docs/BENCHMARKS.md)")
-    p.add_argument("--no-report", action="store_true", help="print only")
+    add_report_flags(p)
     args, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if not (o.startswith("--") and "." in o.split("=", 1)[0] and "=" in o)]
     if bad:
@@ -396,12 +398,12 @@ def run_proxy(args: argparse.Namespace, overrides: list[str], argv: list[str] | 
         notes += ("\n\nTop-1 over seeds " + " ".join(map(str, args.seeds)) + " (final epoch; EMA weights except "
                   "the raw-weights row):\n\n" + markdown_table(seed_summary(results)))
     print(notes)
-    if not args.no_report:
-        from benchmarks.report import append_result
-
+    target = report_path(args.report, args.no_report)
+    if target is not None:
         command = "python -m benchmarks.proxy " + shlex.join(argv if argv is not None else sys.argv[1:])
         append_result("Real photos (Imagenette proxy)", rows, command=command, device=_device_name(device),
-                      notes=notes, path=args.report, commit=commit)
+                      notes=notes, path=target, commit=commit)
+        print(f"appended to {target}")
     return 0
 
 

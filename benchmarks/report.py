@@ -1,4 +1,8 @@
-"""Append benchmark results to docs/BENCHMARKS.md: one entry per run, under a `## <section>` heading.
+"""Append benchmark results to a markdown file, one entry per run, under a `## <section>` heading.
+
+A benchmark prints its table; it writes an entry only when asked: `--report FILE` (docs/BENCHMARKS.md holds
+the entries worth keeping), or $BENCHMARKS_FILE, which benchmarks.gpu_suite sets to collect its stages'
+entries in its own folder. A plain run never edits the checkout.
 
 An entry is a line with the date (UTC), the git commit (`git rev-parse --short HEAD`, marked "+dirty"
 when the tree has uncommitted changes), the device and the exact command, then a markdown table of the
@@ -8,6 +12,7 @@ each section reads oldest to newest. The file is rewritten atomically (temp file
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
 import platform
@@ -15,11 +20,30 @@ import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_PATH = REPO / "docs" / "BENCHMARKS.md"
-ENV_PATH = "BENCHMARKS_FILE"  # overrides DEFAULT_PATH, e.g. for tests
+DEFAULT_PATH = REPO / "docs" / "BENCHMARKS.md"  # where kept entries go; never written unless named
+ENV_PATH = "BENCHMARKS_FILE"  # a file to append to without --report (benchmarks.gpu_suite's stages)
 COMMIT_ENV = "BENCHMARK_COMMIT"  # the commit to record where git cannot tell (benchmarks.gpu_suite --commit)
-HEADER = ("# Benchmarks\n\nResults appended by `python -m benchmarks.<name>`; each entry names its date, commit, "
-          "device and command. Within a section, newest last.\n")
+HEADER = ("# Benchmarks\n\nResults appended by `python -m benchmarks.<name> --report FILE`; each entry names its "
+          "date, commit, device and command. Within a section, newest last.\n")
+REPORT_HELP = ("append the result to this markdown file as a dated entry (--report docs/BENCHMARKS.md for one "
+               "worth keeping); without it the result is only printed and no file is written")
+
+
+def add_report_flags(parser: argparse.ArgumentParser) -> None:
+    """--report FILE, and --no-report, kept as a no-op for command lines from when appending was the default."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--report", type=Path, default=None, metavar="FILE", help=REPORT_HELP)
+    group.add_argument("--no-report", action="store_true",
+                       help="print only: the default now (kept so that older command lines still run)")
+
+
+def report_path(report: str | Path | None, no_report: bool = False) -> Path | None:
+    """The file to append to: --report FILE, else $BENCHMARKS_FILE, else None (print only)."""
+    if no_report:
+        return None
+    if report:
+        return Path(report)
+    return Path(os.environ[ENV_PATH]) if os.environ.get(ENV_PATH) else None
 
 
 def git_commit(repo: Path = REPO) -> str:
@@ -76,12 +100,14 @@ def insert_entry(text: str, section: str, entry: str) -> str:
 
 def append_result(section: str, rows: list[dict], command: str, device: str, notes: str = "", *,
                   path: str | Path | None = None, commit: str | None = None) -> Path:
-    """Append one entry to the benchmarks file (`path`, else $BENCHMARKS_FILE, else docs/BENCHMARKS.md).
+    """Append one entry to `path`, else to $BENCHMARKS_FILE; with neither it refuses (no default file).
     commit: the code that ran, for a benchmark long enough to outlive a commit (taken at its start);
     default: git_commit() now."""
     if not rows:
         raise ValueError("append_result: no rows to write")
-    target = Path(path or os.environ.get(ENV_PATH) or DEFAULT_PATH)
+    target = report_path(path)
+    if target is None:
+        raise ValueError(f"append_result: no file named (pass path, e.g. from --report FILE, or set ${ENV_PATH})")
     target.parent.mkdir(parents=True, exist_ok=True)
     text = target.read_text() if target.exists() else HEADER
     tmp = target.with_name(target.name + ".tmp")

@@ -10,8 +10,8 @@ Two steps are timed at each resolution (forward, backward, SGD update; no data l
   reference  plain torchvision resnet50 in NCHW, fp16 autocast + GradScaler on a GPU, fp32 on the CPU, eager
 "% of peak" divides the achieved FLOP rate by the GPU's dense bf16 tensor peak (table below). FLOPs per
 image: 24.6 GFLOP at 224 px (3 x 8.2 GFLOP forward), scaled by (res/224)^2; BlurPool's extra FLOPs are
-not counted, so the figure is useful-work utilisation. Results are printed and appended to
-docs/BENCHMARKS.md, section "Train step" (or to $BENCHMARKS_FILE).
+not counted, so the figure is useful-work utilisation. Results are printed; `--report FILE` appends them
+as an entry in section "Train step" (docs/BENCHMARKS.md keeps the ones worth keeping).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from benchmarks.report import add_report_flags, append_result, cpu_description, report_path
 
 TRAIN_GFLOP_224 = 24.6  # forward + backward of ResNet-50 per 224 px image
 # Dense bf16 tensor-core peaks in TFLOP/s (vendor datasheets, without sparsity); first match wins.
@@ -136,12 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also append each row to this file as a JSON line")
     p.add_argument("--arch", choices=["resnet50", "resnet18"], default="resnet50",
                    help="resnet18 only for quick CPU dry runs (the FLOP figures assume resnet50)")
+    add_report_flags(p)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
     if min(args.res) < 32 or args.batch_size < 1 or args.steps < 1:
         p.error("--res must be >= 32 pixels, --batch-size and --steps >= 1")
-    from benchmarks.report import append_result, cpu_description
 
     device = torch.device(args.device)
     if device.type == "cuda":  # the trainer's runtime settings (train.main.configure_runtime)
@@ -161,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
              f"{torch.__version__}, {torch.get_num_threads()} CPU threads. FLOPs: 24.6 GFLOP per 224 px image "
              f"x (res/224)^2. 1-min load average at start {load:.2f}"
              + (" (shared machine: other jobs may have been running)." if device.type == "cpu" else "."))
-    path = append_result("Train step", rows, command, name, notes)
-    print(f"appended to {path}")
+    target = report_path(args.report, args.no_report)
+    if target is not None:
+        append_result("Train step", rows, command, name, notes, path=target)
+        print(f"appended to {target}")
     return 0
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from benchmarks.report import append_result, cpu_description
+from benchmarks.report import add_report_flags, append_result, cpu_description, report_path
 from preprocess.manifest import MANIFEST
 
 
@@ -92,8 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--cams", type=int, default=20, help="Grad-CAM rows to time (default 20; 0: none)")
     p.add_argument("--flip", action="store_true", help="average with the mirror image (two forward passes)")
-    p.add_argument("--report", type=Path, default=None, help="benchmarks file (default docs/BENCHMARKS.md)")
-    p.add_argument("--no-report", action="store_true", help="print only")
+    add_report_flags(p)
     p.add_argument("--notes", default="", help="appended to the entry's notes")
     return p.parse_args(argv)
 
@@ -115,13 +114,14 @@ def main(argv=None) -> int:
                        threads=args.threads, limit=args.limit, cams=args.cams, flip=args.flip)
     for row in rows:
         print(", ".join(f"{k} {v}" for k, v in row.items()))
-    if not args.no_report:
+    target = report_path(args.report, args.no_report)
+    if target is not None:
         name = torch.cuda.get_device_name(0) + " + " if device.type == "cuda" else ""
         notes = (f"data: {source}; random-init weights; evaluation time includes DALI pipeline build. 1-min load "
                  f"average at start {load:.2f} on {os.cpu_count()} cores (shared machine: other jobs may have "
                  f"been running). {args.notes}").strip()
         command = "python -m benchmarks.viz_eval " + shlex.join(sys.argv[1:] if argv is None else argv)
-        path = append_result("viz evaluation", rows, command, name + cpu_description(), notes, path=args.report)
+        path = append_result("viz evaluation", rows, command, name + cpu_description(), notes, path=target)
         print(f"appended to {path}")
     print(f"viz evaluate images/s: {rows[0]['images/s']}")
     return 0

@@ -1,4 +1,5 @@
-"""benchmarks.dataloader runs end to end on tiny synthetic shards; benchmarks.report appends where it should."""
+"""benchmarks.dataloader runs end to end on tiny synthetic shards; benchmarks.report appends where it should,
+and only when asked."""
 
 from __future__ import annotations
 
@@ -9,6 +10,24 @@ import pytest
 
 from benchmarks import dataloader, report
 from preprocess.manifest import load_manifest, split_shards
+
+
+def docs_files() -> dict:
+    """Every file under the checkout's docs/ with its size and modification time."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in (report.REPO / "docs").rglob("*") if p.is_file()}
+
+
+def test_a_plain_run_prints_the_table_and_writes_no_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(report.ENV_PATH, raising=False)
+    monkeypatch.chdir(tmp_path)
+    before = docs_files()
+    argv = ["--device", "cpu", "--seconds", "1", "--warmup", "0", "--batch-size", "8", "--res", "32",
+            "--threads", "1", "--images", "16", "--max-side", "64"]
+    assert dataloader.main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^\s*dali-cpu\s+cpu\s+1\s+32\b", out, re.M), out  # the table's row
+    assert re.search(r"^dali-cpu images/s: [0-9.]+$", out, re.M) and "appended to" not in out
+    assert docs_files() == before and list(tmp_path.iterdir()) == []
 
 
 def test_benchmark_prints_the_result_line_and_appends_to_the_report(tmp_path, capsys):
@@ -46,6 +65,7 @@ def test_help_explains_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--data", "--device", "--res", "--batch-size", "--threads", "--seconds", "--baseline", "--report"):
         assert flag in text
+    assert "without it the result is only printed and no file is written" in " ".join(text.split())
 
 
 def test_bad_flags_are_refused(capsys):
@@ -66,6 +86,26 @@ def test_report_appends_to_the_end_of_its_section_and_creates_missing_ones(tmp_p
     assert text.count("## Dataloader") == 1
     assert text.index("cmd one") < text.index("cmd three") < text.index("## Train step") < text.index("cmd two")
     assert "| a | 1,234.6 |" in text and "| b | 0.5 |" in text and "some note" in text
+
+
+def test_nothing_is_written_without_a_file_named(tmp_path, monkeypatch):
+    monkeypatch.delenv(report.ENV_PATH, raising=False)
+    monkeypatch.chdir(tmp_path)
+    before = docs_files()
+    with pytest.raises(ValueError, match="no file named"):
+        report.append_result("Dataloader", [{"pipeline": "a"}], "cmd", "cpu")
+    assert docs_files() == before and list(tmp_path.iterdir()) == []
+    assert report.report_path(None) is None and report.report_path(tmp_path / "x.md") == tmp_path / "x.md"
+    monkeypatch.setenv(report.ENV_PATH, str(tmp_path / "env.md"))  # how benchmarks.gpu_suite collects entries
+    assert report.report_path(None) == tmp_path / "env.md" and report.report_path(None, no_report=True) is None
+
+
+def test_no_report_is_the_default_kept_for_old_command_lines_and_clashes_with_report(capsys):
+    args = dataloader.parse_args(["--no-report"])
+    assert args.no_report and args.report is None
+    with pytest.raises(SystemExit) as exit_:
+        dataloader.parse_args(["--report", "x.md", "--no-report"])
+    assert exit_.value.code == 2 and "not allowed with argument --report" in capsys.readouterr().err
 
 
 def test_table_columns_are_the_union_of_the_rows_keys():

@@ -3,7 +3,13 @@ import io
 from PIL import Image
 
 from benchmarks import preprocess as bench
+from benchmarks import report
 from benchmarks.photos import photo_jpegs
+
+
+def docs_files() -> dict:
+    """Every file under the checkout's docs/ with its size and modification time."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in (report.REPO / "docs").rglob("*") if p.is_file()}
 
 
 def test_photo_jpegs_respect_max_side_and_are_decodable():
@@ -21,6 +27,18 @@ def test_benchmark_appends_one_row_per_worker_count(synthetic_parquet, tmp_path,
     table = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert len(table) == 2 and all("| 270 |" in line for line in table)  # 200 train + 70 val images
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("preprocess images/s per worker: ")
+
+
+def test_a_plain_run_prints_the_rows_and_writes_no_file(synthetic_parquet, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(report.ENV_PATH, raising=False)
+    monkeypatch.chdir(tmp_path)
+    before = docs_files()
+    assert bench.main(["--src", str(synthetic_parquet), "--workers", "1", "--encoders", "--max-side", "48"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("workers | images | seconds | images/s | images/s per worker")
+    assert out[1].startswith("1 | 270 | ")  # 200 train + 70 val images, one worker
+    assert out[-1].startswith("preprocess images/s per worker: ") and not any("appended to" in line for line in out)
+    assert docs_files() == before and list(tmp_path.iterdir()) == []
 
 
 def test_encoder_comparison_rows_and_bytes(synthetic_parquet, tmp_path, capsys):

@@ -12,6 +12,8 @@ from PIL import Image
 
 from benchmarks import proxy
 from benchmarks.report import COMMIT_ENV as REPORT_COMMIT_ENV
+from benchmarks.report import ENV_PATH as REPORT_FILE_ENV
+from benchmarks.report import REPO
 from train import config, main as train_main
 
 WNIDS = ("n01440764", "n02102040", "n02979186")
@@ -33,6 +35,11 @@ def write_image_folder(root: Path, train_per_class: int = 6, val_per_class: int 
                     image = image.convert("L")  # Imagenette has 242 of these
                 image.save(folder / f"{wnid}_{i}.JPEG", quality=90)
     return root
+
+
+def docs_files() -> dict:
+    """Every file under the checkout's docs/ with its size and modification time."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in (REPO / "docs").rglob("*") if p.is_file()}
 
 
 def test_preset_resolves_with_the_documented_recipe():
@@ -103,6 +110,7 @@ def test_proxy_turns_a_folder_into_shards_a_run_and_report_rows(tmp_path, capsys
                        "--val.batch_size=4", "--val.flip_tta=false", "--run.tensorboard=false",
                        "--schedule.warmup_epochs=0.5"])
     assert code == 0
+    assert f"appended to {report}" in capsys.readouterr().out
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
     assert [c["wnid"] for c in manifest["classes"]] == list(WNIDS)
     assert manifest["splits"]["train"]["images"] == 12 and manifest["splits"]["val"]["images"] == 6
@@ -151,6 +159,21 @@ def test_proxy_turns_a_folder_into_shards_a_run_and_report_rows(tmp_path, capsys
     seed1 = [json.loads(line) for line in (out / "runs" / "e1-seed1" / "metrics.jsonl").read_text().splitlines()]
     mean = (100 * metrics[0]["top1"] + 100 * seed1[0]["top1"]) / 2
     assert f"| 1 | recipe | 2 | {mean:.1f} |" in second
+
+    # Without --report the same results are printed and no markdown file is touched.
+    trained.clear()
+    monkeypatch.delenv(REPORT_FILE_ENV, raising=False)
+    capsys.readouterr()
+    docs_before, report_before = docs_files(), report.read_text()
+    code = proxy.main(["--shards", str(out / "shards"), "--out", str(out), "--device", "cpu", "--epochs", "1",
+                       "--res", "32", "--ablate", "ema", "--seeds", "0", "1", "--model.arch=resnet18",
+                       "--data.batch_size=4", "--val.batch_size=4", "--val.flip_tta=false", "--run.tensorboard=false",
+                       "--schedule.warmup_epochs=0.5"])
+    assert code == 0 and not trained
+    printed = capsys.readouterr().out
+    assert "| e1 (recipe) |" in printed and "| e1-seed1 (recipe) |" in printed and "Top-1 over seeds 0 1" in printed
+    assert f"| 1 | recipe | 2 | {mean:.1f} |" in printed and "appended to" not in printed
+    assert report.read_text() == report_before and docs_files() == docs_before
 
     # A finished run trained with other settings is refused, not reported under this command's name.
     trained.clear()
