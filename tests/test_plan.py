@@ -1,4 +1,5 @@
-"""train.plan: the time and cost arithmetic, assumed vs measured labels, and the price table in docs/AWS.md."""
+"""train.plan: the time and cost arithmetic, the labels saying how each rate was obtained (measured,
+extrapolated, published, assumed), and the price table in docs/AWS.md."""
 
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def test_output_labels_assumptions(capsys):
     assert plan.main(["--preset", "rn50", "--epochs", "24", "--gpu", "a100", "--gpus", "8",
                       "--benchmarks", str(NO_BENCHMARKS)]) == 0
     out = capsys.readouterr().out
-    assert "Training rate: 23,616 images/s  [ASSUMED: FFCV" in out
+    assert "Training rate: 23,616 images/s  [PUBLISHED: FFCV's ResNet-50 run (8xA100" in out  # as it is
     assert "Sharding rate: 4,800 images/s  [ASSUMED" in out
     assert "MEASURED" not in out
     assert "assumed 0.5 x on-demand" in out and plan.PRICES_AS_OF in out and "not read live" in out
@@ -98,13 +99,45 @@ def test_measured_rates_come_from_benchmarks_md(tmp_path, capsys):
     bench = tmp_path / "BENCHMARKS.md"
     bench.write_text(BENCHMARKS_MD)
     p = plan.estimate("rn50", 24, "a100", 8, benchmarks=bench)
-    assert p.rate.measured and p.rate.images_per_s == pytest.approx(20_000)  # the last A100 row
-    assert p.shard_rate.measured and p.shard_rate.images_per_s == pytest.approx(45.5 * 96)
-    assert not plan.estimate(gpu="h100", benchmarks=bench).rate.measured  # no H100 row: still assumed
+    assert p.rate.measured and p.rate.images_per_s == pytest.approx(20_000)  # the last A100 row, on 8 GPUs as planned
+    assert plan.estimate(gpu="h100", benchmarks=bench).rate.kind == "assumed"  # no H100 row
     plan.main(["--gpu", "a100", "--benchmarks", str(bench)])
     out = capsys.readouterr().out
     heading = "End-to-end training (2026-12-01, commit def5678)"
-    assert f'[MEASURED: BENCHMARKS.md, "{heading}": 20,000 images/s on 8x A100' in out
+    assert f'[MEASURED here: BENCHMARKS.md, "{heading}": 20,000 images/s on 8x A100]' in out
+
+
+def test_an_extrapolation_is_never_labelled_measured(tmp_path, capsys):
+    """2 workers on a 2-core machine scaled to 96 vCPUs, and 8 GPUs scaled to 16, are extrapolations."""
+    bench = tmp_path / "BENCHMARKS.md"
+    bench.write_text(BENCHMARKS_MD)
+    p = plan.estimate("rn50", 24, "a100", 16, benchmarks=bench)
+    assert (p.shard_rate.kind, p.shard_rate.measured) == ("extrapolated", False)
+    assert p.shard_rate.images_per_s == pytest.approx(45.5 * 96)  # the last row: 2 workers, 45.5 each
+    assert (p.rate.kind, p.rate.measured) == ("extrapolated", False)
+    assert p.rate.images_per_s == pytest.approx(20_000 / 8 * 16 * plan.MULTI_NODE_EFFICIENCY)
+    plan.main(["--gpu", "a100", "--gpus", "16", "--benchmarks", str(bench)])
+    out = capsys.readouterr().out
+    assert "Sharding rate: 4,368 images/s  [EXTRAPOLATED from 2 cores (2 workers): BENCHMARKS.md, " in out
+    assert "Training rate: 36,000 images/s  [EXTRAPOLATED from 8 GPUs: BENCHMARKS.md, " in out
+    assert "MEASURED" not in out and "(extrapolated)" in out and "(extrapolated rate)" in out
+    # A one-process table (benchmarks.preprocess's encoder comparison has no workers column) is 1 worker.
+    bench.write_text("## Preprocessing encoder\n\n**date**, device: AMD EPYC, 4 cores  \n`cmd`\n\n"
+                     "| encoder | images/s per worker |\n|---|---|\n| auto | 60.0 |\n")
+    shard = plan.estimate(gpu="a100", benchmarks=bench).shard_rate
+    assert shard.kind == "extrapolated" and shard.source.startswith("EXTRAPOLATED from 4 cores (1 worker): ")
+
+
+def test_every_rate_says_how_it_was_obtained(capsys):
+    kinds = {}
+    for gpu, gpus in (("a100", 8), ("a100", 16), ("h100", 8), ("l40s", 1)):
+        p = plan.estimate(gpu=gpu, gpus=gpus, benchmarks=NO_BENCHMARKS)
+        kinds[gpu, gpus] = p.rate.kind
+        assert p.rate.source.split(":")[0].split()[0] == p.rate.kind.upper() and p.shard_rate.kind == "assumed"
+    assert kinds == {("a100", 8): "published", ("a100", 16): "extrapolated", ("h100", 8): "assumed",
+                     ("l40s", 1): "assumed"}
+    with pytest.raises(ValueError, match="expected one of measured"):
+        plan.Rate(1.0, "guessed", "")
 
 
 def test_epochs_default_to_the_preset(capsys):

@@ -7,10 +7,12 @@ time  = one-time setup (instance + install, HF download, sharding, shard upload 
         only needs its download) + epochs x (train images / rate + val images / (VAL_SPEEDUP x rate))
         + Grad-CAM + interruptions x recovery
 cost  = hours x instances x $/h (+ SkyPilot's jobs controller, S3 storage per month)
-The training rate is measured when docs/BENCHMARKS.md has a row for that GPU (a table under an
+The training rate comes from docs/BENCHMARKS.md when it has a row for that GPU (a table under an
 "end-to-end" or "train" heading with columns `gpu`, `gpus` and `images/s`; the last such row wins), otherwise
-assumed from FFCV's published ResNet-50 run; the output says which. Prices: the table below, which
-docs/AWS.md repeats (tests/test_plan.py keeps the two equal).
+from FFCV's published ResNet-50 run. Every rate is labelled by how it was obtained: MEASURED (by this
+project, at the size planned), EXTRAPOLATED (measured or published at another size: N GPUs, N cores, and
+scaled linearly), PUBLISHED (someone else's run, used as it is) or ASSUMED (a guess, such as H100 = 2x A100).
+Prices: the table below, which docs/AWS.md repeats (tests/test_plan.py keeps the two equal).
 """
 
 from __future__ import annotations
@@ -79,11 +81,23 @@ class PlanError(ValueError):
     pass
 
 
+RATE_KINDS = ("measured", "extrapolated", "published", "assumed")
+
+
 @dataclass(frozen=True)
 class Rate:
     images_per_s: float
-    measured: bool
-    source: str
+    kind: str  # one of RATE_KINDS: how the figure was obtained
+    source: str  # starts with the kind in capitals, then where the figure comes from and how it was scaled
+
+    def __post_init__(self):
+        if self.kind not in RATE_KINDS:
+            raise ValueError(f"Rate.kind {self.kind!r}: expected one of {', '.join(RATE_KINDS)}")
+
+    @property
+    def measured(self) -> bool:
+        """Measured by this project at the size planned; an extrapolation is not."""
+        return self.kind == "measured"
 
 
 @dataclass
@@ -142,8 +156,8 @@ def _number(cell: str) -> float | None:
     return float(m.group().replace(",", "")) if m else None
 
 
-def measured_rate(gpu: str, path: Path) -> tuple[float, str] | None:
-    """(images/s per GPU, where) from the last matching training row of docs/BENCHMARKS.md, if any."""
+def measured_rate(gpu: str, path: Path) -> tuple[float, str, float] | None:
+    """(images/s per GPU, where, GPUs it ran on) from the last matching training row of docs/BENCHMARKS.md."""
     if not path.is_file():
         return None
     found = None
@@ -161,21 +175,27 @@ def measured_rate(gpu: str, path: Path) -> tuple[float, str] | None:
                 m = re.search(rf"(\d+)\s*[x×]\s*(?:nvidia\s+)?({names})\b", context, re.I)
                 count = float(m.group(1)) if m else None
             if rate and count and gpu in kind.lower():
-                found = (rate / count, f"{path.name}, \"{heading}\": {rate:,.0f} images/s on {count:g}x {gpu.upper()}")
+                found = (rate / count, f"{path.name}, \"{heading}\": {rate:,.0f} images/s on {count:g}x {gpu.upper()}",
+                         count)
     return found
 
 
-def measured_shard_rate(path: Path) -> tuple[float, str] | None:
-    """(images/s per worker process, where) from the last "Preprocessing" table of docs/BENCHMARKS.md."""
+def measured_shard_rate(path: Path) -> tuple[float, str, int, int | None] | None:
+    """(images/s per worker process, where, workers it ran with, cores of that machine or None) from the last
+    "Preprocessing" table of docs/BENCHMARKS.md. A table without a `workers` column ran one process; the cores
+    are the last "N cores" written above the table (its entry's device line)."""
     if not path.is_file():
         return None
     found = None
-    for heading, _section, rows in markdown_tables(path.read_text()):
+    for heading, section, rows in markdown_tables(path.read_text()):
         if re.search(r"preprocess", heading, re.I):
+            cores = re.findall(r"(\d+)\s+(?:cores|vCPUs)\b", section)
             for row in rows:
                 rate = _number(row.get("images/s per worker", ""))
                 if rate:
-                    found = (rate, f"{path.name}, \"{heading}\" ({rate:g} images/s per worker)")
+                    workers = int(_number(row.get("workers", "")) or 1)
+                    found = (rate, f"{path.name}, \"{heading}\" ({rate:g} images/s per worker)", workers,
+                             int(cores[-1]) if cores else None)
     return found
 
 
@@ -183,19 +203,46 @@ def measured_shard_rate(path: Path) -> tuple[float, str] | None:
 
 
 def training_rate(gpu: str, gpus: int, benchmarks: Path) -> Rate:
+    """A rate measured on as many GPUs as planned is used as it is; one from another GPU count is scaled per GPU
+    (extrapolated); without one, FFCV's published 8xA100 run (scaled by an assumed speed for another GPU)."""
     per_instance = INSTANCES[gpu].gpus
     nodes = gpus // per_instance
     scale = gpus * (MULTI_NODE_EFFICIENCY if nodes > 1 else 1.0)
-    scaling = f" x {gpus} GPUs" + (f" x {MULTI_NODE_EFFICIENCY} multi-node efficiency (assumed)" if nodes > 1 else "")
+    scaling = (f" x {gpus} GPU{'s' if gpus > 1 else ''}"
+               + (f" x {MULTI_NODE_EFFICIENCY} multi-node efficiency (assumed)" if nodes > 1 else ""))
     measured = measured_rate(gpu, benchmarks)
     if measured:
-        return Rate(measured[0] * scale, True, f"MEASURED: {measured[1]}; per GPU{scaling}")
-    per_gpu = FFCV_8XA100 / 8 * GPU_SPEED[gpu]
-    how = ("FFCV's published ResNet-50 run (8xA100, 160-192 px, 24 epochs in 21.7 min = "
-           f"{FFCV_8XA100:,.0f} images/s incl. data loading)")
+        per_gpu, where, count = measured
+        if count == gpus:
+            return Rate(per_gpu * count, "measured", f"MEASURED here: {where}")
+        return Rate(per_gpu * scale, "extrapolated",
+                    f"EXTRAPOLATED from {count:g} GPUs: {where}; per GPU{scaling}")
+    run = (f"ResNet-50 run (8xA100, 160-192 px, 24 epochs in 21.7 min = {FFCV_8XA100:,.0f} images/s incl. "
+           "data loading)")
+    if gpu == "a100" and gpus == 8:
+        return Rate(FFCV_8XA100, "published", f"PUBLISHED: FFCV's {run}")
     if gpu != "a100":
-        how += f" x {GPU_SPEED[gpu]} for {gpu.upper()} vs A100 per GPU"
-    return Rate(per_gpu * scale, False, f"ASSUMED: {how}{scaling}")
+        return Rate(FFCV_8XA100 / 8 * GPU_SPEED[gpu] * scale, "assumed",
+                    f"ASSUMED: FFCV's published {run}; per GPU x {GPU_SPEED[gpu]} for {gpu.upper()} vs A100 "
+                    f"(assumed){scaling}")
+    return Rate(FFCV_8XA100 / 8 * scale, "extrapolated",
+                f"EXTRAPOLATED from 8 GPUs: FFCV's published {run}; per GPU{scaling}")
+
+
+def sharding_rate(vcpus: int, benchmarks: Path) -> Rate:
+    """preprocess.shard's images/s with one worker per vCPU: the per-worker rate measured here, scaled
+    linearly to the instance's vCPUs (extrapolated unless it was measured with that many workers)."""
+    measured = measured_shard_rate(benchmarks)
+    if not measured:
+        return Rate(SHARD_RATE_PER_VCPU * vcpus, "assumed",
+                    f"ASSUMED: {SHARD_RATE_PER_VCPU:g} images/s per vCPU x {vcpus} vCPUs")
+    per_worker, where, workers, cores = measured
+    if workers == vcpus:
+        return Rate(per_worker * vcpus, "measured", f"MEASURED here: {where} x {vcpus} workers")
+    ran = f"{workers} worker{'s' if workers > 1 else ''}"
+    origin = f"{cores} cores ({ran})" if cores else ran
+    return Rate(per_worker * vcpus, "extrapolated",
+                f"EXTRAPOLATED from {origin}: {where} x {vcpus} vCPUs, assuming linear scaling")
 
 
 def estimate(preset: str = "rn50", epochs: int = 24, gpu: str = "a100", gpus: int | None = None,
@@ -211,10 +258,7 @@ def estimate(preset: str = "rn50", epochs: int = 24, gpu: str = "a100", gpus: in
         raise PlanError(f"--epochs {epochs}: expected at least 1")
     nodes = gpus // inst.gpus
     rate = training_rate(gpu, gpus, benchmarks)
-    shard = measured_shard_rate(benchmarks)
-    shard_rate = Rate(shard[0] * inst.vcpus, True, f"MEASURED: {shard[1]} x {inst.vcpus} vCPUs") if shard else \
-        Rate(SHARD_RATE_PER_VCPU * inst.vcpus, False,
-             f"ASSUMED: {SHARD_RATE_PER_VCPU:g} images/s per vCPU x {inst.vcpus} vCPUs")
+    shard_rate = sharding_rate(inst.vcpus, benchmarks)
     epoch_s = TRAIN_IMAGES / rate.images_per_s + VAL_IMAGES / (VAL_SPEEDUP * rate.images_per_s)
     shards_down_s = SHARDS_GB * 1000 / S3_MB_PER_S
     plan = Plan(preset, epochs, inst, nodes, rate, shard_rate, epoch_s)
@@ -227,11 +271,11 @@ def estimate(preset: str = "rn50", epochs: int = 24, gpu: str = "a100", gpus: in
             ("HF download (one time)", HF_PARQUET_GB * 1000 / HF_MB_PER_S,
              f"{HF_PARQUET_GB:g} GB at {HF_MB_PER_S:g} MB/s (assumed)"),
             ("sharding (one time)", ALL_IMAGES / shard_rate.images_per_s,
-             f"{ALL_IMAGES:,} images at {shard_rate.images_per_s:,.0f} images/s"),
+             f"{ALL_IMAGES:,} images at {shard_rate.images_per_s:,.0f} images/s ({shard_rate.kind})"),
             ("shards to S3 (one time)", shards_down_s, f"{SHARDS_GB:g} GB at {S3_MB_PER_S:g} MB/s (assumed)"),
         ]
     plan.phases += [
-        ("training", epochs * epoch_s, f"{epochs} epochs x {epoch_s:.1f} s"),
+        ("training", epochs * epoch_s, f"{epochs} epochs x {epoch_s:.1f} s ({rate.kind} rate)"),
         ("Grad-CAM grid", GRADCAM_S, "assumed"),
     ]
     # a replacement instance installs, pulls the shards, and redoes on average half a checkpoint interval
@@ -301,7 +345,8 @@ def main(argv=None) -> int:
                    help=f"spot $/h per instance (default: assumed {SPOT_FRACTION:g} x on-demand)")
     p.add_argument("--interruptions", type=int, default=1, help="spot interruptions to budget for (default 1)")
     p.add_argument("--shards-cached", action="store_true", help="the S3 shard cache exists: no download/sharding")
-    p.add_argument("--benchmarks", type=Path, default=BENCHMARKS, help="measured rates (default docs/BENCHMARKS.md)")
+    p.add_argument("--benchmarks", type=Path, default=BENCHMARKS,
+                   help="measured rates, read only (default docs/BENCHMARKS.md)")
     args = p.parse_args(argv)
     if args.preset not in config.presets():
         p.error(f"--preset {args.preset}: expected one of {', '.join(config.presets())}")
