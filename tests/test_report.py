@@ -1,9 +1,10 @@
 """viz evaluates as the trainer does (same top-1, same prediction for every image), folders go through the
-same decode/resize/crop as shards, other trainers' checkpoints load, and viz.report writes a self-contained
-page that a real headless Chromium renders without errors."""
+same decode/resize/crop as shards, other trainers' checkpoints load, and viz.report writes one HTML file
+(pictures inlined, no path of the machine) that a real headless Chromium renders without errors."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 
 from preprocess.manifest import split_shards
+from preprocess.sources import ClassInfo
 from viz import evaluate as evaluation, loader, report
 from viz.datasets import open_data
 from viz.gradcam import prepare, run_evaluation
@@ -185,19 +187,37 @@ def built_report(tiny_run, shards_dir) -> Path:
 SECTIONS = ("summary", "curves", "classes", "confusions", "mistakes", "worst-classes", "config")
 
 
-def test_report_is_self_contained_and_complete(built_report, tiny_run, shards_dir, capsys):
+def _picture(source: str) -> Image.Image:
+    mime, data = re.fullmatch(r"data:(image/\w+);base64,([A-Za-z0-9+/=]+)", source).groups()
+    image = Image.open(io.BytesIO(base64.b64decode(data)))
+    assert image.get_format_mimetype() == mime
+    return image
+
+
+def test_report_is_one_file_and_complete(built_report, tiny_run, shards_dir, tmp_path_factory, capsys):
     page = built_report.read_text()
     for section in SECTIONS:
         assert f"<section id={section}>" in page
-    assert "<script" not in page and not re.search(r"(src|href)=['\"]?(https?:|//)", page)
+    # One file: every picture inlined, no script, no link, no other file beside it but the predictions.
+    assert "<script" not in page and "href=" not in page.replace("<link rel=icon href='data:,'>", "")
     sources = re.findall(r"src='([^']+)'", page)
-    assert all((built_report.parent / s).is_file() for s in sources)
-    assert sum(s.startswith(f"{report.FILES}/cam_") for s in sources) >= 4  # 4 mistakes + worst classes' rows
-    assert f"{report.FILES}/curves.png" in sources and f"{report.FILES}/class_accuracy.png" in sources
+    assert len(sources) == page.count("<img ") and all(s.startswith("data:image/") for s in sources)
+    assert sorted(p.name for p in built_report.parent.iterdir()) == ["predictions.csv", "predictions.json",
+                                                                     "report.html"]
+    pictures = [_picture(s) for s in sources]
+    widths = [p.size[0] for p in pictures]
+    assert widths.count(1500) == 1 and widths.count(1000) == 1  # training curves, per-class chart
+    assert widths.count(3 * report.STRIP_SIDE + 2 * report.render.PAD) >= 4  # 4 mistakes + worst classes' rows
+    assert widths.count(report.THUMB_SIDE) >= 1
+    # No path of the machine: the run, the data and the checkpoint are named relative to the page's folder.
+    for root in {str(tmp_path_factory.getbasetemp()), os.path.realpath(tmp_path_factory.getbasetemp())}:
+        assert root not in page
+    assert f"<code>{os.path.relpath(shards_dir, built_report.parent)}</code>" in page
+    assert "<code>../checkpoints/best.pt</code>" in page and "<code>../metrics.jsonl</code>" in page
+    assert f"# data: {os.path.relpath(shards_dir, built_report.parent)}" in page  # config.yaml's comment
     record = last_record(tiny_run)
     assert f"{100 * record['top1']:.2f}%" in page and "the same count of correct images" in page
-    with Image.open(built_report.parent / sources[sources.index(f"{report.FILES}/curves.png")]) as curves:
-        assert curves.size[0] > 500
+    assert "Worst 3 classes" in page and "Best 3 classes" in page and "(10 classes)" in page
     saved = evaluation.load(built_report.parent / "predictions.csv")
     assert len(saved.predictions) == record["val_images"] and saved.top1 == pytest.approx(record["top1"], abs=1e-9)
     assert all(len(p.top5) == 5 and p.top5_probs == tuple(sorted(p.top5_probs, reverse=True))
@@ -207,7 +227,28 @@ def test_report_is_self_contained_and_complete(built_report, tiny_run, shards_di
     assert report.main([str(tiny_run), "--data", str(shards_dir), "--num-show", "2", "--classes", "3",
                         "--num-threads", "1", "--no-progress", "--device", "cpu",
                         "--output", str(built_report.parent)]) == 0
-    assert "read back: top-1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "read back: top-1" in printed
+    assert re.search(r"^wrote (\S+) \(\d+\.\d MiB, pictures inlined", printed, re.M)[1] == str(built_report)
+
+
+def test_counts_of_one_and_paths_in_config_text(tmp_path):
+    """'The worst class', not 'Worst 1 classes'; absolute paths in config text become relative ones."""
+    from viz.datasets import ValData
+    from viz.select import ClassScore
+
+    data = ValData("imagefolder", str(tmp_path), (ClassInfo("n1", "tench"), ClassInfo("n2", "goldfish")), 4)
+    findings = report.Findings([ClassScore(1, 2, 1, 2), ClassScore(0, 2, 2, 2)], [], [], [], {})
+    html = report._classes(data, findings, 8, "data:,")
+    assert "The worst class</h3>" in html and "The best class</h3>" in html and "(2 classes)" in html
+    assert " 1 classes" not in html and "Top-1 of each class" in html
+    one = report.Findings([ClassScore(0, 2, 1, 2)], [], [], [], {})
+    assert "The worst class</h3>" in report._classes(data, one, 8, "data:,") and "(1 class)" in report._classes(
+        data, one, 8, "data:,")
+    here = tmp_path / "run" / "report"
+    text = f"# data: {tmp_path}/shards\nmodel:\n  init: '{tmp_path}/w.pt'\nlr: 1/256\nurl: https://x.org/a\n"
+    assert report._relative_paths(text, here) == (
+        "# data: ../../shards\nmodel:\n  init: '../../w.pt'\nlr: 1/256\nurl: https://x.org/a\n")
 
 
 def test_report_errors_are_one_line(tmp_path, shards_dir, capsys):

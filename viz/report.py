@@ -3,20 +3,24 @@
 Evaluates the run's checkpoint (best.pt, else model_final.pth) on the validation data with the trainer's
 own pipeline (viz.gradcam's evaluation: train.data's DALI loader + train.engine.eval_logits), saves the
 predictions once (OUT/predictions.csv + .json; a later run with the same checkpoint file and settings reads
-them instead of evaluating again) and writes OUT/report.html with its pictures in OUT/report_files/:
+them instead of evaluating again) and writes OUT/report.html, one file with its pictures inlined (data: URIs):
 top-1/top-5 and how they were measured, training curves, per-class accuracy (worst and best classes),
 the most confused class pairs with example thumbnails, Grad-CAM rows (input | CAM of the predicted class |
 CAM of the true class) for the most confident mistakes and for the worst classes, and the run's config and
-timings. The page has no scripts and no links outside OUT: it opens from disk, offline.
+timings. The page has no scripts and no links: it opens from disk, offline, and can be mailed alone. Paths
+in it are relative to its folder, so that it names no folder of the machine that made it.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
 import html
+import io
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -33,9 +37,9 @@ from viz.gradcam import Setup, add_model_flags, check_numbers, match_labels, pre
 from viz.select import ClassScore, Confusion, confused_pairs, per_class, select_mistakes
 from viz.weights import VizError, describe
 
-FILES = "report_files"  # folder beside report.html holding its pictures
 STRIP_SIDE = 160  # px, side of each cell of a Grad-CAM row
 THUMB_SIDE = 96  # px, side of a confused-pair example
+JPEG_QUALITY = 85  # photos and heatmaps inlined as JPEG: a PNG strip is ~5x the bytes
 
 
 @dataclass(frozen=True)
@@ -63,32 +67,54 @@ def find(predictions: list[Prediction], *, num_show: int, num_classes: int, num_
 
 # ----------------------------------------------------------------------------- pictures
 
-def draw_pictures(setup: Setup, data: ValData, findings: Findings, files: Path, *, method: str,
-                  threads: int) -> dict[int, str]:
-    """Thumbnails of the confused pairs' examples and Grad-CAM strips of the selected mistakes, written to
-    `files`; returns {image index: CAM strip file name}. All CAMs are computed in one batched run."""
+def data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def jpeg_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return data_uri(buffer.getvalue(), "image/jpeg")
+
+
+@dataclass(frozen=True)
+class Pictures:
+    """The page's pictures as data: URIs (the page is one file)."""
+    strips: dict[int, str]  # image index -> its Grad-CAM strip
+    thumbs: dict[int, str]  # image index -> its thumbnail
+    curves: str | None  # the training curves; None without a readable metrics.jsonl
+    class_accuracy: str
+
+
+def draw_pictures(setup: Setup, data: ValData, findings: Findings, *, method: str,
+                  threads: int) -> tuple[dict[int, str], dict[int, str]]:
+    """Grad-CAM strips of the selected mistakes and thumbnails of the confused pairs' examples, as
+    ({image index: strip}, {image index: thumbnail}) of data: URIs. All CAMs are computed in one batched run."""
     shown = {p.index: p for p in findings.confident}
     for _, mistakes in findings.worst:
         shown.update((p.index, p) for p in mistakes)
     thumbs = {p.index for pair in findings.pairs for p in pair.examples}
     images = loader.fetch_images(data, sorted(set(shown) | thumbs), res=setup.res, crop_ratio=setup.crop_ratio,
                                  device="gpu" if setup.device.type == "cuda" else "cpu", num_threads=threads)
-    for index in sorted(thumbs & set(images)):
-        crop = Image.fromarray(loader.to_pixels(images[index]))
-        render.thumbnail(crop, THUMB_SIDE).save(files / f"thumb_{index}.jpg", quality=90)
+    thumb_uris = {index: jpeg_uri(render.thumbnail(Image.fromarray(loader.to_pixels(images[index])), THUMB_SIDE))
+                  for index in sorted(thumbs & set(images))}
     order = [i for i in sorted(shown) if i in images]
     if not order:
-        return {}
+        return {}, thumb_uris
     stacked = torch.stack([images[i] for i in order])
     model = setup.model
     cams_predicted, cams_true = cam_pairs(model, model.layer4[-1], stacked, [shown[i].predicted for i in order],
                                           [shown[i].label for i in order], method, batch_size=32)
-    strips = {}
-    for i, cp, ct in zip(order, cams_predicted, cams_true):
-        crop = Image.fromarray(loader.to_pixels(images[i]))
-        strips[i] = f"cam_{i}.png"
-        render.cam_strip(crop, cp, ct, STRIP_SIDE).save(files / strips[i])
-    return strips
+    strips = {i: jpeg_uri(render.cam_strip(Image.fromarray(loader.to_pixels(images[i])), cp, ct, STRIP_SIDE))
+              for i, cp, ct in zip(order, cams_predicted, cams_true)}
+    return strips, thumb_uris
+
+
+def png_uri(write) -> str:
+    """What `write(file)` writes (a viz.plots figure: line art, smaller and sharper as PNG) as a data: URI."""
+    buffer = io.BytesIO()
+    write(buffer)
+    return data_uri(buffer.getvalue(), "image/png")
 
 
 # ----------------------------------------------------------------------------- HTML
@@ -117,25 +143,41 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
+def _shown(path, here: Path) -> str:
+    """`path` relative to `here`, the page's folder: the page names no folder of the machine that made it."""
+    try:
+        return os.path.relpath(path, here)
+    except ValueError:  # on another drive (Windows): no relative path
+        return Path(path).name
+
+
+ABSOLUTE = re.compile(r"(?<![\w.~:/-])/[^\s'\",\]}]+")  # a POSIX absolute path in config text
+
+
+def _relative_paths(text: str, here: Path) -> str:
+    return ABSOLUTE.sub(lambda m: _shown(m[0], here), text)
+
+
 def _class_name(data: ValData, index: int) -> str:
     c = data.classes[index]
     return f"{c.name} ({c.wnid})" if c.wnid and c.wnid != c.name else c.name
 
 
-def _summary(result: Evaluation, setup: Setup, data: ValData, checkpoint: Path, reused: bool) -> str:
+def _summary(result: Evaluation, setup: Setup, data: ValData, checkpoint: Path, reused: bool, here: Path) -> str:
     s, loaded = result.summary(), setup.loaded
     info = loaded.info
-    how = (f"Measured by <code>viz</code> on {s['images']:,} validation images of <code>{_e(data.path)}</code> "
+    how = (f"Measured by <code>viz</code> on {plots.counted(s['images'], 'validation image')} of "
+           f"<code>{_e(_shown(data.path, here))}</code> "
            f"({_e(data.layout)}{', ' + _e(data.note) if data.note else ''}) with the trainer's own validation "
            f"input (train.data's DALI pipeline: shorter side resized to res / crop ratio, centre crop) and scoring "
            f"(train.engine.eval_logits): {_e(describe(loaded))}, {_e(loaded.weights)} weights of "
-           f"<code>{_e(checkpoint)}</code>; res {setup.res} px, crop ratio {setup.crop_ratio:g}, flip TTA "
-           f"{'on' if setup.flip else 'off'}, precision {_e(result.meta.get('precision', '?'))}, batch "
+           f"<code>{_e(_shown(checkpoint, here))}</code>; res {setup.res} px, crop ratio {setup.crop_ratio:g}, "
+           f"flip TTA {'on' if setup.flip else 'off'}, precision {_e(result.meta.get('precision', '?'))}, batch "
            f"{setup.batch_size}, on {_e(result.meta.get('device', '?'))}.")
     if result.meta.get("limit"):
-        how += f" Limited to the first {result.meta['limit']:,} images (--limit)."
+        how += f" Limited to the first {plots.counted(result.meta['limit'], 'image')} (--limit)."
     if s["skipped"]:
-        how += f" {s['skipped']} unreadable images were skipped."
+        how += f" {plots.counted(s['skipped'], 'unreadable image')} skipped."
     speed = (f"Evaluation took {s['seconds']:.1f} s ({s['images_per_s']:,.0f} images/s)" if s["images_per_s"]
              else "Evaluation time unknown")
     speed += " (read back from predictions.csv)." if reused else "."
@@ -155,13 +197,14 @@ def _summary(result: Evaluation, setup: Setup, data: ValData, checkpoint: Path, 
             f"<div class=muted>top-1 ({s['correct']:,} / {s['images']:,})</div></div><div><div class=big>"
             f"{_pct(s['top5'])}</div><div class=muted>top-5</div></div></div><p>{how}</p>{trainer}"
             f"<p class=muted>{speed} Predictions of every image (top-5 classes and probabilities): "
-            f"<code>predictions.csv</code>.</p></section>")
+            f"<code>predictions.csv</code> beside this page. Paths are relative to this page's folder.</p></section>")
 
 
-def _curves(has_curves: bool, run_dir: Path) -> str:
-    body = (f"<figure><img src='{FILES}/curves.png' alt='training curves' width=1000><figcaption>Per epoch, "
-            f"from <code>{_e(run_dir / plots.METRICS)}</code>.</figcaption></figure>" if has_curves else
-            f"<p class=muted>No <code>{plots.METRICS}</code> in {_e(run_dir)}: no curves.</p>")
+def _curves(curves: str | None, run_dir: Path, here: Path) -> str:
+    body = (f"<figure><img src='{curves}' alt='training curves' width=1000><figcaption>Per epoch, "
+            f"from <code>{_e(_shown(run_dir / plots.METRICS, here))}</code>.</figcaption></figure>" if curves else
+            f"<p class=muted>No readable <code>{plots.METRICS}</code> in <code>{_e(_shown(run_dir, here))}</code>: "
+            f"no curves.</p>")
     return f"<section id=curves><h2>Training curves</h2>{body}</section>"
 
 
@@ -177,28 +220,31 @@ def _class_table(data: ValData, scores: list[ClassScore], confusions: dict[int, 
             "(images)</th></tr>" + "".join(rows) + "</table>")
 
 
-def _classes(data: ValData, findings: Findings, shown: int) -> str:
+def _classes(data: ValData, findings: Findings, shown: int, chart: str) -> str:
     scores, top_confusion = findings.classes, findings.taken_for
     n = min(shown, (len(scores) + 1) // 2)  # few classes: half worst, half best, none listed twice
     best = list(reversed(scores[n:]))[:shown]
-    return (f"<section id=classes><h2>Per-class accuracy</h2><figure><img src='{FILES}/class_accuracy.png' "
-            f"alt='per-class top-1' width=1000><figcaption>Top-1 of each of the {len(scores)} classes with "
-            f"validation images, sorted.</figcaption></figure><h3>Worst {n} classes</h3>"
+    return (f"<section id=classes><h2>Per-class accuracy</h2><figure><img src='{chart}' "
+            f"alt='per-class top-1' width=1000><figcaption>Top-1 of each class with validation images "
+            f"({plots.counted(len(scores), 'class', 'classes')}), worst to best.</figcaption></figure>"
+            f"<h3>{'The worst class' if n == 1 else f'Worst {n} classes'}</h3>"
             f"{_class_table(data, scores[:n], top_confusion)}"
-            + (f"<h3>Best {len(best)} classes</h3>{_class_table(data, best, top_confusion)}" if best else "")
+            + (f"<h3>{'The best class' if len(best) == 1 else f'Best {len(best)} classes'}</h3>"
+               f"{_class_table(data, best, top_confusion)}" if best else "")
             + "</section>")
 
 
-def _pairs(data: ValData, findings: Findings) -> str:
+def _pairs(data: ValData, findings: Findings, thumbs: dict[int, str]) -> str:
     if not findings.pairs:
         return "<section id=confusions><h2>Most confused pairs</h2><p>No mistakes.</p></section>"
     rows = []
     for pair in findings.pairs:
-        thumbs = "".join(f"<img src='{FILES}/thumb_{p.index}.jpg' width={THUMB_SIDE} height={THUMB_SIDE} "
-                         f"alt='{_e(p.key)}' title='{_e(p.key)}: {100 * p.confidence:.1f}%'>" for p in pair.examples)
+        examples = "".join(f"<img src='{thumbs[p.index]}' width={THUMB_SIDE} height={THUMB_SIDE} alt='{_e(p.key)}' "
+                           f"title='{_e(p.key)}: {100 * p.confidence:.1f}%'>"
+                           for p in pair.examples if p.index in thumbs)
         rows.append(f"<tr><td class=right>{_e(_class_name(data, pair.true))}</td><td class=wrong>"
                     f"{_e(_class_name(data, pair.predicted))}</td><td class=num>{pair.count} / {pair.of} "
-                    f"({100 * pair.count / pair.of:.0f}%)</td><td class=thumbs>{thumbs}</td></tr>")
+                    f"({100 * pair.count / pair.of:.0f}%)</td><td class=thumbs>{examples}</td></tr>")
     return ("<section id=confusions><h2>Most confused pairs</h2><p class=muted>Images of the true class predicted "
             "as the other, most first; examples most confident first.</p><table><tr><th>true class</th>"
             "<th>predicted as</th><th>images</th><th>examples</th></tr>" + "".join(rows) + "</table></section>")
@@ -207,7 +253,7 @@ def _pairs(data: ValData, findings: Findings) -> str:
 def _cam_figure(data: ValData, p: Prediction, strips: dict[int, str], rank: str) -> str:
     if p.index not in strips:
         return ""
-    return (f"<figure><img src='{FILES}/{strips[p.index]}' alt='Grad-CAM of {_e(p.key)}' "
+    return (f"<figure><img src='{strips[p.index]}' alt='Grad-CAM of {_e(p.key)}' "
             f"width={3 * STRIP_SIDE + 2 * render.PAD}><figcaption>{rank} <code>{_e(p.key)}</code>: true "
             f"<span class=right>{_e(_class_name(data, p.label))}</span> ({100 * p.true_prob:.1f}%), predicted "
             f"<span class=wrong>{_e(_class_name(data, p.predicted))}</span> ({100 * p.confidence:.1f}%)"
@@ -248,7 +294,8 @@ def _timings(run_dir: Path, records: list[dict]) -> list[tuple[str, str]]:
     return rows
 
 
-def _config(run_dir: Path, setup: Setup, records: list[dict], result: Evaluation, build_seconds: float) -> str:
+def _config(run_dir: Path, setup: Setup, records: list[dict], result: Evaluation, build_seconds: float,
+            here: Path) -> str:
     config_file = run_dir / "config.yaml"
     if config_file.is_file():
         text = config_file.read_text()
@@ -264,7 +311,7 @@ def _config(run_dir: Path, setup: Setup, records: list[dict], result: Evaluation
                            f"{build_seconds:.1f} s")]
     table = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
     return (f"<section id=config><h2>Config and timings</h2><table>{table}</table><h3>Config</h3>"
-            f"<pre>{_e(text)}</pre></section>")
+            f"<pre>{_e(_relative_paths(text, here))}</pre></section>")
 
 
 def read_extra_results(paths) -> list[dict]:
@@ -283,14 +330,15 @@ def read_extra_results(paths) -> list[dict]:
     return extra
 
 
-def _extra(extra: list[dict]) -> str:
+def _extra(extra: list[dict], here: Path) -> str:
     if not extra:
         return ""
     rows = "".join(
         f"<tr><td>{_e(n.get('dataset'))}</td><td class=num>{n.get('images', 0):,}</td><td class=num>"
         f"{_pct(n.get('top1'))}</td><td class=num>{_pct(n.get('top5'))}</td><td class=num>"
         f"{_pct(n['real_top1']) + ' (' + format(n['real_images'], ',') + ' images)' if 'real_top1' in n else ''}</td>"
-        f"<td><code>{_e(n.get('checkpoint'))}</code></td></tr>" for n in extra)
+        f"<td><code>{_e(_shown(n['checkpoint'], here) if n.get('checkpoint') else '?')}</code></td></tr>"
+        for n in extra)
     return ("<section id=other-sets><h2>Other validation sets</h2><table><tr><th>data set</th><th>images</th>"
             "<th>top-1</th><th>top-5</th><th>ImageNet-ReaL top-1</th><th>model file</th></tr>" + rows + "</table>"
             "<p class=muted>Measured by <code>python -m viz.validate</code> (the same pipeline and settings as above); "
@@ -299,19 +347,20 @@ def _extra(extra: list[dict]) -> str:
 
 
 def write_html(out: Path, *, run_dir: Path, checkpoint: Path, setup: Setup, data: ValData, result: Evaluation,
-               findings: Findings, strips: dict[int, str], has_curves: bool, records: list[dict], method: str,
-               classes_shown: int, reused: bool, build_seconds: float, extra: list[dict] = ()) -> None:
+               findings: Findings, pictures: Pictures, records: list[dict], method: str, classes_shown: int,
+               reused: bool, build_seconds: float, extra: list[dict] = ()) -> None:
     title = f"{run_dir.resolve().name}: what the model gets wrong"
+    here = out.parent
     body = "".join([
         f"<h1>{_e(title)}</h1>",
-        _summary(result, setup, data, checkpoint, reused),
-        _extra(list(extra)),
-        _curves(has_curves, run_dir),
-        _classes(data, findings, classes_shown),
-        _pairs(data, findings),
-        _mistakes(data, findings, strips, method),
-        _worst(data, findings, strips),
-        _config(run_dir, setup, records, result, build_seconds),
+        _summary(result, setup, data, checkpoint, reused, here),
+        _extra(list(extra), here),
+        _curves(pictures.curves, run_dir, here),
+        _classes(data, findings, classes_shown, pictures.class_accuracy),
+        _pairs(data, findings, pictures.thumbs),
+        _mistakes(data, findings, pictures.strips, method),
+        _worst(data, findings, pictures.strips),
+        _config(run_dir, setup, records, result, build_seconds, here),
     ])
     page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{_e(title)}</title>"
             f"<meta name=viewport content='width=device-width, initial-scale=1'><link rel=icon href='data:,'>"
@@ -372,9 +421,8 @@ def build(args: argparse.Namespace) -> Path:
                     flip_tta=args.flip_tta, device=args.device, precision=args.precision,
                     batch_size=args.batch_size, res=args.res, crop_ratio=args.crop_ratio)
     data = match_labels(setup, open_data(args.data), args.label_space, threads=args.num_threads)
-    files = out_dir / FILES
     try:
-        files.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise VizError(f"--output {out_dir}: cannot create ({exc.strerror or exc})") from exc
     print(f"{describe(setup.loaded)} from {checkpoint}; {data.layout} data at {data.path}: {data.size} images")
@@ -384,20 +432,21 @@ def build(args: argparse.Namespace) -> Path:
     print(("read back" if reused else "evaluated") + f": top-1 {result.top1:.2%}, top-5 "
           f"{format_top5(result.top5)} on {len(result.predictions)} images")
     findings = find(result.predictions, num_show=args.num_show, num_classes=args.classes, num_pairs=args.pairs)
-    strips = draw_pictures(setup, data, findings, files, method=args.method, threads=args.num_threads)
+    strips, thumbs = draw_pictures(setup, data, findings, method=args.method, threads=args.num_threads)
     records = []
     if (run_dir / plots.METRICS).is_file():
         try:
             records = plots.read_metrics(run_dir / plots.METRICS)
         except plots.PlotError as exc:
             print(f"viz.report: note: no curves ({exc})", file=sys.stderr)
-    if records:
-        plots.plot_curves(records, files / "curves.png", f"{run_dir.resolve().name}: {len(records)} epochs")
-    plots.plot_class_accuracy([s.accuracy for s in findings.classes], files / "class_accuracy.png",
-                              f"per-class top-1 on {len(result.predictions):,} images")
+    curves = png_uri(lambda f: plots.plot_curves(records, f, plots.curves_title(run_dir, records),
+                                                 who="viz.report")) if records else None
+    chart = png_uri(lambda f: plots.plot_class_accuracy(
+        [data.classes[s.index].name for s in findings.classes], [s.accuracy for s in findings.classes], f,
+        f"per-class top-1 on {plots.counted(len(result.predictions), 'image')}", who="viz.report"))
     out = out_dir / "report.html"
     write_html(out, run_dir=run_dir, checkpoint=checkpoint, setup=setup, data=data, result=result, findings=findings,
-               strips=strips, has_curves=bool(records), records=records, method=args.method,
+               pictures=Pictures(strips, thumbs, curves, chart), records=records, method=args.method,
                classes_shown=args.classes, reused=reused, build_seconds=time.perf_counter() - started, extra=extra)
     return out
 
@@ -406,16 +455,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m viz.report",
         description="Evaluate a training run's checkpoint on validation data (the trainer's own pipeline) and write "
-                    "one self-contained HTML report: top-1/top-5 and how they were measured, training curves, "
-                    "per-class accuracy, the most confused class pairs, Grad-CAM rows of the most confident "
-                    "mistakes and of the worst classes, config and timings. Opens from disk, offline.")
+                    "one HTML file with its pictures inlined (OUT/report.html; predictions.csv beside it): "
+                    "top-1/top-5 and how they were measured, training curves, per-class accuracy, the most "
+                    "confused class pairs, Grad-CAM rows of the most confident mistakes and of the worst classes, "
+                    "config and timings. Opens from disk, offline; paths in it are relative to its folder.")
     p.add_argument("run_dir", help="a training run folder (python -m train.main --out RUN_DIR)")
     p.add_argument("--data", required=True,
                    help="validation data: shards folder (manifest.json + val/*.tar), ImageFolder or a Tiny-ImageNet "
                         "val folder")
     p.add_argument("--checkpoint", default=None,
                    help="weights to evaluate (default RUN_DIR/checkpoints/best.pt, else RUN_DIR/model_final.pth)")
-    p.add_argument("--output", default=None, help="folder for report.html and its files (default RUN_DIR/report)")
+    p.add_argument("--output", default=None,
+                   help="folder for report.html and predictions.csv (+ .json) (default RUN_DIR/report)")
     p.add_argument("--num-show", type=int, default=12, help="most confident mistakes shown with Grad-CAM (default 12)")
     p.add_argument("--classes", type=int, default=8,
                    help="worst (and best) classes listed; the worst also get Grad-CAM rows (default 8)")
@@ -443,7 +494,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("viz.report: interrupted", file=sys.stderr)
         return 130
-    print(f"wrote {out} (open it in a browser; pictures in {out.parent / FILES})")
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, pictures inlined; open it in a browser)")
     return 0
 
 
