@@ -199,8 +199,6 @@ def test_grid_size_from_layout_constants():
     assert title.endswith("...") and face.getlength(title) <= cell
 
 
-@pytest.mark.xfail(strict=True, reason="viz/render.py's font() is Pillow's default (Aileron), which has no é, "
-                                      "Æ or CJK: it should return viz.fonts.pil_font(size)")
 def test_grid_titles_draw_accented_and_cjk_names():
     from viz import fonts
 

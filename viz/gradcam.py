@@ -128,7 +128,7 @@ def explain(model: torch.nn.Module, target_layer: torch.nn.Module, data: ValData
                     batch_size=min(batch_size, 32), threads=workers)
     classes = data.classes
     of_class = f" of true class '{classes[class_index].name}'" if class_index is not None else ""
-    what = {"confident": "most confident mistakes", "random": "random mistakes"}[how]
+    what = {"confident": "most confident mistake", "random": "random mistake"}[how] + ("" if len(rows) == 1 else "s")
     shown = (f"{len(rows)} {what}{of_class} (of {result.mistakes} misclassified)" if rows
              else f"no misclassified images{of_class}")
     header = (shown,

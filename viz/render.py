@@ -50,11 +50,10 @@ def grid_size(rows: int) -> tuple[int, int]:
 
 
 def font(size: int = FONT_PX) -> ImageFont.ImageFont:
-    # Pillow >= 10.1 ships a scalable default font; older builds fall back to a small bitmap font.
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:
-        return ImageFont.load_default()
+    """The grid's font: one with accented Latin and CJK where installed (viz.fonts), else Pillow's default."""
+    from viz.fonts import pil_font
+
+    return pil_font(size)
 
 
 def fit_text(text: str, width: int, face) -> str:
