@@ -27,6 +27,7 @@ import shutil
 import sys
 import tarfile
 from pathlib import Path
+from preprocess.cli import ArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
 # ../shared/data beside the checkout (or beside the folder holding a worktree)
@@ -285,7 +286,7 @@ def unpack(carry: Path, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.carry_data", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m benchmarks.carry_data", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     sub = p.add_subparsers(dest="command", required=True)
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     pk.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
     up = sub.add_parser("unpack", help="check the uploaded parts and extract the shard folder")
     up.add_argument("--carry", type=Path, default=REPO / ".carry", help="folder holding data-pNN/")
-    up.add_argument("--out", type=Path, required=True, help="shard folder to create (replaced if present)")
+    up.add_argument("--out", "--output", dest="out", type=Path, required=True, help="shard folder to create (replaced if present)")
     args = p.parse_args(argv)
     try:
         if args.command == "pack":

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from preprocess.cli import ArgumentParser
 from benchmarks.report import add_report_flags, append_result, cpu_description, report_path
 from preprocess.manifest import MANIFEST, load_manifest, split_shards
 from preprocess.writer import ShardWriter, shard_name
@@ -141,13 +142,14 @@ def print_table(rows: list[dict]) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.dataloader", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m benchmarks.dataloader", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", type=Path, default=None,
                    help="shard folder from `python -m preprocess.shard` (its train split is read); "
                         "default: write synthetic photo-like shards to a temporary folder")
-    p.add_argument("--device", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu",
-                   help="where DALI decodes and augments (gpu: 'mixed' decoder on cuda:0)")
+    p.add_argument("--device", choices=["cpu", "cuda", "gpu"], default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where DALI decodes and augments: cpu, or cuda ('mixed' decoder on cuda:0; 'gpu' is accepted "
+                        "for it); default cuda when torch sees one")
     p.add_argument("--res", type=int, nargs="+", default=[160],
                    help="output resolution(s) in pixels; one row per value; the last line reports the first")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch")
@@ -168,6 +170,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_report_flags(p)
     p.add_argument("--notes", default="", help="free text stored with the result (e.g. what else ran on the machine)")
     args = p.parse_args(argv)
+    args.device = "gpu" if args.device in ("cuda", "gpu") else "cpu"  # DALI's name for its GPU operators
     if args.threads is None:
         cores = os.cpu_count() or 1
         # What one trainer process gets: the host's cores shared by its GPUs, at most 8 (DALI threads per GPU).
@@ -180,7 +183,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.seconds <= 0:
         p.error(f"--seconds {args.seconds}: must be > 0")
     if args.device == "gpu" and not torch.cuda.is_available():
-        p.error("--device gpu: torch sees no CUDA device; use --device cpu")
+        p.error("--device cuda: torch sees no CUDA device; use --device cpu")
     if args.data is not None:
         load_manifest(args.data)  # a clear error now rather than from inside a pipeline
     return args

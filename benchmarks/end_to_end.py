@@ -9,7 +9,6 @@ stage, the training's mean images/s and final top-1 from RUN_DIR/metrics.jsonl.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -19,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from preprocess.cli import ArgumentParser
 from benchmarks.report import add_report_flags, append_result, cpu_description, report_path
 
 
@@ -29,7 +29,7 @@ def timed(cmd: list[str]) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.end_to_end",
+    p = ArgumentParser(prog="python -m benchmarks.end_to_end",
                                 description="Time every stage of the pipeline and record the top-1 it reaches.")
     p.add_argument("--data", type=Path, default=None, help="existing shards (default: build the synthetic demo set)")
     p.add_argument("--config", default="smoke", help="training preset or YAML (default smoke)")

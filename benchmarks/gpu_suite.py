@@ -61,6 +61,7 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from preprocess.cli import ArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_GFLOP_224 = 24.6  # forward + backward of ResNet-50 per 224 px image (as benchmarks.train_step)
@@ -745,10 +746,10 @@ STAGE_INPUTS = {"dali": "photos", "train-main": "shards", "proxy": "shards"}  # 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_suite", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m benchmarks.gpu_suite", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--out", type=Path, required=True, help="folder for every result, table and log (created)")
+    p.add_argument("--out", "--output", dest="out", type=Path, required=True, help="folder for every result, table and log (created)")
     p.add_argument("--profile", choices=["quick", "full"], default="quick",
                    help="quick: <= 8 min on one H100/H200; full: more sizes, compiled training, viz-eval, the proxy")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when torch sees one")

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from preprocess.cli import ArgumentParser
 from benchmarks.report import add_report_flags, append_result, cpu_description, report_path
 
 STEP = r"""
@@ -88,7 +89,7 @@ def hash_rate(shards: Path | None, mib: int = 256) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.preflight", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="python -m benchmarks.preflight", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="resnet18:64:128,resnet50:32:64,resnet50:64:96",
                         help="comma-separated arch:batch:res (pixels) training steps to measure")

@@ -24,7 +24,6 @@ part before the first '_'). `--limit N` takes a fixed subset (every k-th file in
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import shlex
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from preprocess.cli import ArgumentParser
 from benchmarks.report import add_report_flags, append_result, cpu_description, report_path
 from preprocess import encode, shard
 from preprocess.sources import IMAGE_SUFFIXES, SourceError, image_files, open_source, read_bytes
@@ -158,7 +158,7 @@ def measure(src: str, out: Path, workers: int, settings: shard.EncodeSettings, p
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.preprocess",
+    p = ArgumentParser(prog="python -m benchmarks.preprocess",
                                 description="Measure preprocessing: the encoder's images/s and output bytes per image "
                                             "(before/auto/always, one process) and preprocess.shard's images/s in "
                                             "total and per worker.")

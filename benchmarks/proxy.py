@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from preprocess.cli import ArgumentParser
 from benchmarks.report import add_report_flags, append_result, report_path
 
 PRESET = "imagenette"
@@ -252,7 +253,7 @@ def make_shards(src: Path, out: Path, workers: int, per_class: dict[str, int | N
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.proxy", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+    p = ArgumentParser(prog="python -m benchmarks.proxy", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]) +
                                 "\nAny --section.key=value argument is passed on to every train.main run.")
@@ -272,7 +273,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                    f"{','.join(ABLATIONS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="train every run once per seed (--run.seed) and summarise mean and spread (default: 0)")
-    p.add_argument("--out", type=Path, default=None, help="work folder: shards/, runs/, proxy.json (default runs/proxy-DEVICE)")
+    p.add_argument("--out", "--output", dest="out", type=Path, default=None, help="work folder: shards/, runs/, proxy.json (default runs/proxy-DEVICE)")
     p.add_argument("--threads", type=int, default=None, help="DALI threads (default: the preset's 8 on cuda, all cores on cpu)")
     add_report_flags(p)
     args, overrides = p.parse_known_args(argv)

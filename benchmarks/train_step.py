@@ -16,7 +16,6 @@ as an entry in section "Train step" (docs/BENCHMARKS.md keeps the ones worth kee
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from preprocess.cli import ArgumentParser
 from benchmarks.report import add_report_flags, append_result, cpu_description, report_path
 
 TRAIN_GFLOP_224 = 24.6  # forward + backward of ResNet-50 per 224 px image
@@ -125,7 +125,7 @@ def run(resolutions: list[int], batch_size: int, device: torch.device, steps: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--res", type=int, nargs="+", default=[160, 192, 224], help="resolutions, pixels (default 160 192 224)")
     p.add_argument("--batch-size", type=int, default=256, help="images per step (default 256)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torchvision
 
+from preprocess.cli import ArgumentParser
 from benchmarks.report import add_report_flags, append_result, cpu_description, report_path
 from preprocess.manifest import MANIFEST
 
@@ -79,7 +80,7 @@ def measure(data_dir: Path, *, arch: str, device: torch.device, res: int, batch_
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.viz_eval", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m benchmarks.viz_eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=None,
                    help="validation data (shards or a folder layout viz reads); default: synthetic val shards")
     p.add_argument("--images", type=int, default=512, help="synthetic images to write without --data (default 512)")

@@ -63,6 +63,7 @@ from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
+from preprocess.cli import ArgumentParser
 from preprocess.encode import MODES as REENCODE_MODES
 from preprocess.encode import NOT_CONVERSIONS, UndecodableImage, reencode
 from preprocess.manifest import FORMAT_VERSION, MANIFEST, mix_stats
@@ -569,7 +570,7 @@ def run(src: str | None, out: Path, *, fmt: str = "auto", splits: tuple[str, ...
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m preprocess.shard",
         epilog="Exit status: 0 done; 2 bad flag or input, or a remote source that cannot be reached or read (one "
                "line on stderr with the fix); 5 a worker process died (out of memory?): finished shards are kept, "
@@ -581,7 +582,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "and verifies; the same input and settings give byte-identical shards. The train split is "
                     "written in one seeded global random order whatever the source's order (parquet in two passes, "
                     "the disk peaking near 1.07x the shards' size); val/test keep the source's order.")
-    p.add_argument("--out", required=True, type=Path, help="output folder (train/, val/, manifest.json go here)")
+    p.add_argument("--out", "--output", dest="out", required=True, type=Path, help="output folder (train/, val/, manifest.json go here)")
     p.add_argument("--src", default=None,
                    help="input: a folder, file or glob of HF parquet files, local or an fsspec URL (s3://bucket/prefix, "
                         "hf://datasets/ILSVRC/imagenet-1k/data), an ImageFolder root or a Tiny-ImageNet-200 "

@@ -12,7 +12,6 @@ rows in shuffled order.
 
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import sys
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from preprocess.cli import ArgumentParser
 
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "diamond", "bar", "chevron", "hourglass", "star")
 HUES = ("red", "orange", "yellow", "green", "teal", "blue", "purple", "pink", "brown", "white")
@@ -143,10 +144,10 @@ def write_hf_parquet(rows: list[dict], out_dir: Path, split_file_name: str, name
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m preprocess.synthetic",
+    p = ArgumentParser(prog="python -m preprocess.synthetic",
                                 description="Write a small learnable image-classification set as parquet files in "
                                             "the schema of the Hugging Face ILSVRC/imagenet-1k release.")
-    p.add_argument("--out", required=True, type=Path, help="output folder (parquet files go to OUT/data/)")
+    p.add_argument("--out", "--output", dest="out", required=True, type=Path, help="output folder (parquet files go to OUT/data/)")
     p.add_argument("--classes", type=int, default=10, help="number of classes, 1-100 (default 10)")
     p.add_argument("--per-class", type=int, default=120, help="training images per class (default 120)")
     p.add_argument("--val-per-class", type=int, default=None, help="validation images per class (default: per-class / 4)")

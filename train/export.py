@@ -24,7 +24,6 @@ Exit status: 0 written; 2 bad arguments, an unreadable model, or a missing ONNX 
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from preprocess.cli import ArgumentParser
 from train import artifact
 
 FORMATS = ("safetensors", "onnx", "pt2")
@@ -429,11 +429,11 @@ def push_to_hub(folder: Path, repo: str, *, private: bool = False) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.export",
+    p = ArgumentParser(prog="python -m train.export",
                                 description="Export a trained model: model.safetensors + config.json (its model card), "
                                             "ONNX (checked with onnxruntime) and a torch.export program.")
     p.add_argument("run_dir", help="a run folder (python -m train.main --out RUN_DIR) or one model file")
-    p.add_argument("--out", required=True, type=Path, help="folder to write the exported files into")
+    p.add_argument("--out", "--output", dest="out", required=True, type=Path, help="folder to write the exported files into")
     p.add_argument("--format", default=",".join(FORMATS),
                    help=f"comma-separated, some of {','.join(FORMATS)} (default: all)")
     p.add_argument("--card", action="store_true",

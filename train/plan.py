@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from preprocess.cli import ArgumentParser
 from train import config
 
 TRAIN_IMAGES = 1_281_167
@@ -333,7 +334,7 @@ def preset_epochs(preset: str) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m train.plan", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--preset", default="rn50", help=f"train.main preset ({', '.join(config.presets())}); default rn50")

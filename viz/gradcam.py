@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from preprocess.cli import ArgumentParser
 from preprocess.sources import ClassInfo  # noqa: F401  (re-exported: the classes of a ValData)
 from train.data import MEAN as IMAGENET_MEAN, STD as IMAGENET_STD  # noqa: F401  (re-exported for callers)
 from viz import evaluate as evaluation, loader
@@ -148,7 +149,7 @@ def explain(model: torch.nn.Module, target_layer: torch.nn.Module, data: ValData
 # ----------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m viz.gradcam",
         description="Evaluate a checkpoint on validation data with the trainer's own pipeline and draw Grad-CAM "
                     "heatmaps of its mistakes: one row per image (input crop | CAM of the predicted class | CAM of "
@@ -160,7 +161,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", "--validation_img_path", dest="data", required=True,
                    help="validation data: shards folder (manifest.json + val/*.tar), ImageFolder (val/<wnid>/*.JPEG "
                         "or <wnid>/*.JPEG) or a Tiny-ImageNet val folder (images/ + val_annotations.txt)")
-    p.add_argument("--output", "--output_path", dest="output", required=True, type=Path,
+    p.add_argument("--output", "--out", "--output_path", dest="output", required=True, type=Path,
                    help="grid PNG to write; the .json and .csv lists go beside it")
     p.add_argument("--num-show", "--num_show", dest="num_show", type=int, default=20,
                    help="misclassified images to show, one row each (default 20)")

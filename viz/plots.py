@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import BinaryIO
 
+from preprocess.cli import ArgumentParser
 from viz import fonts
 
 METRICS = "metrics.jsonl"
@@ -156,11 +157,11 @@ def plot_class_accuracy(names: list[str], accuracies: list[float], out: Path | B
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m viz.plots",
+    p = ArgumentParser(prog="python -m viz.plots",
                                 description="Plot loss, top-1/top-5, LR, resolution, images/s and epoch time per "
                                             "epoch from RUN_DIR/metrics.jsonl.")
     p.add_argument("run_dir", type=Path, help="a training run folder (holds metrics.jsonl)")
-    p.add_argument("--output", type=Path, default=None,
+    p.add_argument("--output", "--out", dest="output", type=Path, default=None,
                    help="PNG to write (default RUN_DIR/curves.png; .png is added to a name without a suffix, "
                         "curves.png to a folder)")
     return p.parse_args(argv)

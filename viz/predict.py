@@ -24,6 +24,7 @@ import os
 import sys
 from pathlib import Path
 
+from preprocess.cli import ArgumentParser
 from preprocess.sources import IMAGE_SUFFIXES, ClassInfo, imagenet_classes
 from viz import evaluate as evaluation
 from viz.datasets import ValData
@@ -128,7 +129,7 @@ def predict(args: argparse.Namespace) -> tuple[Evaluation, ValData, Path]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m viz.predict",
         description="Top-5 classes and probabilities of each image in folders or files, with the model file's own "
                     "settings and the trainer's validation transform. Writes a CSV (one row per image) and a .json "
@@ -138,7 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "ImageNet-example model_best.pth.tar or any torchvision ResNet state_dict")
     p.add_argument("--data", required=True, nargs="+", metavar="DIR_OR_FILE",
                    help="image files and/or folders (searched recursively)")
-    p.add_argument("--output", required=True, help="CSV to write (its .json summary goes beside it)")
+    p.add_argument("--output", "--out", dest="output", required=True, help="CSV to write (its .json summary goes beside it)")
     p.add_argument("--weights", default="auto", choices=WEIGHT_CHOICES,
                    help="of our checkpoints: the EMA or the raw weights (default auto: EMA when there are any)")
     p.add_argument("--blurpool", default="auto", choices=["auto", "on", "off"],

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from preprocess.cli import ArgumentParser
 from viz import evaluate as evaluation, loader, plots, render
 from viz.cam import CAM_METHODS, cam_pairs
 from viz.datasets import ValData, open_data
@@ -452,7 +453,7 @@ def build(args: argparse.Namespace) -> Path:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m viz.report",
         description="Evaluate a training run's checkpoint on validation data (the trainer's own pipeline) and write "
                     "one HTML file with its pictures inlined (OUT/report.html; predictions.csv beside it): "
@@ -465,7 +466,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "val folder")
     p.add_argument("--checkpoint", default=None,
                    help="weights to evaluate (default RUN_DIR/checkpoints/best.pt, else RUN_DIR/model_final.pth)")
-    p.add_argument("--output", default=None,
+    p.add_argument("--output", "--out", dest="output", default=None,
                    help="folder for report.html and predictions.csv (+ .json) (default RUN_DIR/report)")
     p.add_argument("--num-show", type=int, default=12, help="most confident mistakes shown with Grad-CAM (default 12)")
     p.add_argument("--classes", type=int, default=8,

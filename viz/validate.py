@@ -27,6 +27,7 @@ import re
 import sys
 from pathlib import Path
 
+from preprocess.cli import ArgumentParser
 from preprocess.sources import imagenet_classes
 from train.artifact import commit
 from viz import evaluate as evaluation
@@ -244,7 +245,7 @@ def report_lines(numbers: dict) -> list[str]:
 # ----------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m viz.validate",
         description="Top-1 / top-5 of a model file on a validation set with the file's own settings and the "
                     "trainer's validation pipeline; --real-labels adds ImageNet-ReaL accuracy. Prints the numbers "
@@ -258,7 +259,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--real-labels", default=None, metavar="FILE",
                    help="ImageNet-ReaL's real.json (one list of class indices per validation image, in file order; "
                         "images named ILSVRC2012_val_<n>): also report ReaL top-1/top-5")
-    p.add_argument("--output", default=None, metavar="OUT.json",
+    p.add_argument("--output", "--out", dest="output", default=None, metavar="OUT.json",
                    help="results file; OUT.csv and OUT_predictions.csv go beside it "
                         "(default RUN/validate/<data name>[-real].json)")
     add_model_flags(p)
