@@ -58,7 +58,7 @@ clean-demo:
 # the survivors judged equivalent. One module:  make mutation MUTATE=schedule
 # MUTANTS_<name> = the module to mutate, then the tests (files or node ids) that may kill its mutants.
 MUTATION_DIR ?= build/mutation
-MUTATE       ?= schedule model checkpoint datasets
+MUTATE       ?= schedule model checkpoint datasets evaluate engine manifest
 MUTANTS_schedule   = train/schedule.py tests/test_schedule.py
 MUTANTS_model      = train/model.py tests/test_recipe.py tests/test_model_step.py
 MUTANTS_checkpoint = train/checkpoint.py tests/test_recipe_checkpoint.py \
@@ -70,6 +70,15 @@ MUTANTS_datasets   = viz/datasets.py tests/test_recipe_datasets.py tests/test_la
 	tiny_imagenet_labels_are_the_imagenet_indices_of_their_wnids imagefolder_labels_are_the_imagenet_indices_of_their_wnids \
 	imagefolder_uses_the_train_class_list unknown_layout_is_an_error class_count_of_checkpoint_and_data_must_agree \
 	flip_averaging_uses_the_mirror)
+MUTANTS_evaluate   = viz/evaluate.py tests/test_recipe_evaluate.py tests/test_viz_top5.py \
+	tests/test_gradcam.py::test_flip_averaging_uses_the_mirror
+MUTANTS_engine     = train/engine.py tests/test_recipe.py tests/test_model_step.py
+MUTANTS_manifest   = preprocess/manifest.py tests/test_recipe_datasets.py \
+	$(addprefix tests/test_shard_order.py::test_,label_sorted_parquet_gives_mixed_shards \
+	manifest_reports_the_order_and_the_mix allow_unshuffled_trains_anyway_with_a_warning \
+	unknown_mix_is_refused_with_the_reason) \
+	$(addprefix tests/test_data.py::test_,missing_shard_is_named corrupt_shard_gives_an_error_naming_it \
+	errors_for_bad_arguments)
 
 mutation: $(addprefix mutation-,$(MUTATE))
 
