@@ -72,7 +72,7 @@ MUTANTS_datasets   = viz/datasets.py tests/test_recipe_datasets.py tests/test_la
 	flip_averaging_uses_the_mirror)
 MUTANTS_evaluate   = viz/evaluate.py tests/test_recipe_evaluate.py tests/test_viz_top5.py \
 	tests/test_gradcam.py::test_flip_averaging_uses_the_mirror
-MUTANTS_engine     = train/engine.py tests/test_recipe.py tests/test_model_step.py
+MUTANTS_engine     = train/engine.py tests/test_recipe_engine.py tests/test_recipe.py tests/test_model_step.py
 MUTANTS_manifest   = preprocess/manifest.py tests/test_recipe_datasets.py \
 	$(addprefix tests/test_shard_order.py::test_,label_sorted_parquet_gives_mixed_shards \
 	manifest_reports_the_order_and_the_mix allow_unshuffled_trains_anyway_with_a_warning \
