@@ -156,6 +156,12 @@ class RunConfig:
                               "device has (the kernel's OOM killer gives no message)")
     dist_timeout_s: float = _opt(1800.0, "seconds a collective may wait for the other ranks before the run stops "
                                  "with an error (a dead or hung rank)", check=_POSITIVE)
+    tracker: str = _opt("none", "also log the config, each epoch's metrics.jsonl numbers (epoch = step) and the final "
+                        "top-1 to an experiment tracker (rank 0; a tracker that fails mid-run gives one warning, "
+                        "training goes on): mlflow needs pip install 'imagenet-rn50[mlflow]' and MLFLOW_TRACKING_URI "
+                        "(MLFLOW_EXPERIMENT_NAME optional); wandb needs pip install 'imagenet-rn50[wandb]' and `wandb "
+                        "login`, or WANDB_MODE=offline (WANDB_PROJECT, WANDB_DIR optional); a resumed run continues "
+                        "the tracker run named in RUN_DIR/tracker.json", choices=("none", "mlflow", "wandb"))
 
 
 @dataclass(frozen=True)
@@ -349,6 +355,7 @@ RESUME_SAFE = frozenset({
     "model.compile", "model.init", "val.batch_size", "val.every_epochs",
     "checkpoint.every_minutes", "checkpoint.every_steps", "checkpoint.keep", "run.threads", "run.sync_every",
     "run.tensorboard", "run.deterministic", "run.resume", "run.memory_check", "run.dist_timeout_s",
+    "run.tracker",
 })
 
 

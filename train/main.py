@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from preprocess.manifest import DatasetError, class_sorted_problem, load_manifest, split_shards
-from train import artifact, checkpoint, config, distributed, engine, lifecycle, preflight, schedule
+from train import artifact, checkpoint, config, distributed, engine, lifecycle, preflight, schedule, trackers
 from train.config import Config, ConfigError
 from train.model import ModelEma, build_model, build_optimizer, init_weights, plain_state_dict
 
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, overrides = parse_args(argv)
         cfg = config.resolve(args.config, overrides)
+        trackers.check_available(cfg.run.tracker)
         lifecycle.check_out_dir(args.out)
         device_type = distributed.pick_device(cfg.run.device)
         amp_dtype = engine.pick_precision(cfg.run.precision, device_type)
@@ -167,6 +168,7 @@ class Training:
         self.lock = lifecycle.RunLock(self.run_dir)
         self.began = time.monotonic()
         self.started = False  # whether this process got as far as recording the run as running
+        self.tracker = None  # MLflow / W&B (run.tracker), rank 0
 
     def execute(self) -> int:
         timeout = datetime.timedelta(seconds=self.cfg.run.dist_timeout_s)
@@ -195,6 +197,8 @@ class Training:
                                               f"command to resume from it (torchrun --max-restarts=N does so by "
                                               f"itself)", every_rank=True)
         finally:
+            if self.tracker is not None:
+                self.tracker.close("failed")  # after finish() or stop() this does nothing
             if getattr(self, "train_loader", None) is not None:
                 self.train_loader.close()  # a pipeline built ahead for an epoch that will not run
             self.lock.release()
@@ -279,6 +283,8 @@ class Training:
             checkpoint.write_text_atomic(self.run_dir / "config.yaml", config.dump_yaml(cfg, header))
             self.log = engine.MetricsLog(self.run_dir, self.history, tensorboard=cfg.run.tensorboard,
                                          first_step=self.global_step)
+            self.tracker = trackers.open_tracker(cfg.run.tracker, self.run_dir, config.to_dict(cfg), self.history,
+                                                 self.say)
         self.record_state("running")
         self.started = True
         self.last_save_time = time.monotonic()
@@ -513,6 +519,8 @@ class Training:
             if improved:
                 checkpoint.link_atomic(self.last_path, self.best_path)  # a hard link: no copy of the file
             self.log.append(record, self.global_step)
+            if self.tracker is not None:
+                self.tracker.log_epoch(record)
             top5 = f"{100 * record['top5']:.2f}%" if "top5" in record else "n/a (5 classes or fewer)"
             top = (f"top-1 {100 * record['top1']:.2f}%, top-5 {top5} "
                    f"({record['val_images']} images), ") if "top1" in record else ""
@@ -556,6 +564,8 @@ class Training:
                 self.say(f"final top-1: {100 * r['top1']:.2f}% (top-5 {top5}, "
                          f"{r['val_images']} val images, epoch {r['epoch']}); weights: {path}")
             self.say(self.end_of_run(evaluated))
+            if self.tracker is not None:
+                self.tracker.finish(self.history, self.final_files())
         distributed.barrier()
         return EXIT_OK
 
@@ -569,11 +579,14 @@ class Training:
             best = max(evaluated, key=lambda r: r["top1"])
             lines.append(f"top-1: best {100 * best['top1']:.2f}% (epoch {best['epoch']}), last "
                          f"{100 * evaluated[-1]['top1']:.2f}% (epoch {evaluated[-1]['epoch']})")
-        files = [self.run_dir / name for name in (artifact.MODEL_FILE, "config.json", "model_final.pth",
-                                                    "checkpoints/best.pt", "metrics.jsonl", "summary.csv", "log.txt")]
-        lines.append("files: " + ", ".join(str(f) for f in files if f.exists()))
+        lines.append("files: " + ", ".join(str(f) for f in self.final_files()))
         lines.append(f"next: python -m viz.report {self.run_dir} --data {self.data_dir}")
         return "\n".join(lines)
+
+    def final_files(self) -> list[Path]:
+        names = (artifact.MODEL_FILE, "config.json", "model_final.pth", "checkpoints/best.pt", "metrics.jsonl",
+                 "summary.csv", "log.txt")
+        return [self.run_dir / name for name in names if (self.run_dir / name).exists()]
 
     def stop_requested(self) -> bool:
         """Collective: did any rank get SIGTERM/SIGUSR1?"""
@@ -588,6 +601,8 @@ class Training:
         self.record_state("stopped", reason=f"stopped by {by}")
         if self.dist.is_main:
             self.log.close()
+            if self.tracker is not None:
+                self.tracker.close("stopped")
         return EXIT_RESUME
 
     # -- checkpoints -----------------------------------------------------------------------------------
