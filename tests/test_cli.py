@@ -10,7 +10,7 @@ import pytest
 
 # command -> the argv prefix its --help needs (a subcommand), and whether it writes a folder or a file
 WRITERS = {
-    "preprocess.synthetic": [], "preprocess.shard": [], "train.export": [],
+    "preprocess.synthetic": [], "preprocess.shard": [], "train.main": [], "train.export": [],
     "benchmarks.proxy": [], "benchmarks.gpu_suite": [], "benchmarks.carry_data": ["unpack"],
     "viz.gradcam": [], "viz.plots": [], "viz.report": [], "viz.validate": [], "viz.predict": [],
 }
@@ -61,3 +61,14 @@ def test_an_unknown_flag_is_one_line_that_names_the_flag_meant(module, argv, lin
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unrecognized arguments" in err and line in err, err
+
+
+def test_train_main_names_the_short_flag_meant_and_takes_output(tmp_path, capsys):
+    from train.main import main
+
+    assert main(["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--batch_size=8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did you mean --batch-size?" in err, err
+    assert main(["--data", str(tmp_path), "--output", str(tmp_path / "run"), "--config", "smoke"]) == 2
+    err = capsys.readouterr().err  # --output is --out: the run gets as far as the data check
+    assert err.count("\n") == 1 and "manifest.json" in err, err

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from preprocess.cli import close_flag
 from preprocess.manifest import DatasetError, class_sorted_problem, load_manifest, split_shards
 from train import artifact, checkpoint, config, distributed, engine, lifecycle, preflight, schedule, trackers
 from train.config import Config, ConfigError
@@ -70,7 +71,6 @@ NOT_HERE = {
     "--amp": "mixed precision is already on where it helps (--run.precision=auto: bf16, or fp16 + GradScaler, on "
              "GPUs; fp32 on the CPU); --run.precision=bf16|fp16|fp32 picks one",
     "--pretrained": "use --model.init=torchvision (from the torch cache) or --model.init=PATH",
-    "--output": "the run folder is --out RUN_DIR",
 }
 
 
@@ -83,7 +83,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                      epilog=f"short flags (--lr is the peak for the whole global batch, as FFCV and timm state it):\n"
                             f"{aliases}\n\nconfig keys (default shown; a preset overrides some):\n" + config.describe())
     parser.add_argument("--data", required=True, type=Path, help="shard folder written by `python -m preprocess.shard`")
-    parser.add_argument("--out", required=True, type=Path, help="run folder (created; an existing one is resumed)")
+    parser.add_argument("--out", "--output", dest="out", required=True, type=Path,
+                        help="run folder (created; an existing one is resumed)")
     parser.add_argument("--config", default="rn50", help=f"preset ({', '.join(config.presets())}) or a YAML file")
     args, rest = parser.parse_known_args(argv)
     overrides, i = [], 0
@@ -95,7 +96,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         if flag in ALIASES:
             token = f"--{ALIASES[flag]}" + token[len(flag):]
         if not token.startswith("--") or "." not in token.split("=", 1)[0]:
-            raise ConfigError(f"unrecognized argument {token!r} (config overrides look like --optim.lr_per_256=0.2)")
+            meant = close_flag(token, [*ALIASES, "--data", "--out", "--output", "--config"])
+            hint = f"did you mean {meant}? " if meant else ""
+            raise ConfigError(f"unrecognized argument {token!r} ({hint}config overrides look like "
+                              f"--optim.lr_per_256=0.2; --help lists them)")
         if "=" in token:
             overrides.append(token[2:])
         elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
