@@ -33,6 +33,35 @@ def test_weights_load_and_another_class_count_gets_a_new_head(tmp_path, capsys):
         init_weights(build_model(config.resolve("smoke").model, 10), str(tmp_path / "src.pth"), "resnet50")
 
 
+def test_same_class_count_other_classes_gets_a_new_head(tmp_path):
+    """Five classes there, five other classes here: the source's classifier would keep predicting its own
+    classes under this data's labels, so it is replaced; the same classes in the same order keep it."""
+    source = resnet18(5, seed=1)
+    cfg = config.resolve("smoke", ["model.arch=resnet18", "model.blurpool=false"])
+    there = [{"index": i, "wnid": f"n0000000{i}", "name": f"class {i}"} for i in range(5)]
+    torch.save({"model": source.state_dict(), "config": config.to_dict(cfg), "classes": there}, tmp_path / "a.pt")
+    here = [{"index": i, "wnid": f"n0000001{i}", "name": f"other {i}"} for i in range(5)]
+
+    target = resnet18(5, seed=2)
+    head = target.fc.weight.clone()
+    said = init_weights(target, str(tmp_path / "a.pt"), "resnet18", here)
+    assert "a new classifier: the source's classes are not this data's (class 0 is 'class 0' there, " \
+           "'other 0' here)" in said
+    assert torch.equal(target.fc.weight, head) and torch.equal(target.conv1.weight, source.conv1.weight)
+
+    reordered = [there[1], there[0], *there[2:]]  # same classes, other order: other meanings per output
+    assert "a new classifier" in init_weights(resnet18(5, seed=2), str(tmp_path / "a.pt"), "resnet18", reordered)
+
+    same = resnet18(5, seed=3)
+    said = init_weights(same, str(tmp_path / "a.pt"), "resnet18", [dict(c) for c in there])
+    assert "its classifier too (the same classes in the same order)" in said
+    assert torch.equal(same.fc.weight, source.fc.weight)
+
+    torch.save(source.state_dict(), tmp_path / "plain.pth")  # a file that names no classes: kept, and said so
+    said = init_weights(resnet18(5, seed=4), str(tmp_path / "plain.pth"), "resnet18", here)
+    assert "the source names no classes: assumed to be this data's" in said
+
+
 def test_torchvision_weights_only_from_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     target = resnet18(10, seed=2)

@@ -236,7 +236,8 @@ class Training:
         self.model = build_model(cfg.model, self.num_classes).to(self.device, memory_format=memory_format)
         if cfg.model.init and plan.checkpoint is None:  # a resumed run has all its state: init only seeds a start
             try:
-                self.say("model.init: " + init_weights(self.model, cfg.model.init, cfg.model.arch))
+                self.say("model.init: " + init_weights(self.model, cfg.model.init, cfg.model.arch,
+                                                       self.manifest.get("classes")))
             except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
         self.ema = ModelEma(self.model, cfg.ema.decay) if cfg.ema.enabled else None

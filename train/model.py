@@ -93,12 +93,31 @@ def load_model(path, *, weights: str = "auto") -> nn.Module:
 TORCHVISION_WEIGHTS = {"resnet50": "ResNet50_Weights.IMAGENET1K_V2", "resnet18": "ResNet18_Weights.IMAGENET1K_V1"}
 
 
-def init_weights(model: nn.Module, source: str, arch: str) -> str:
+def _class_id(c: dict) -> str | None:
+    return c.get("wnid") or c.get("name")
+
+
+def _other_classes(source: list[dict] | None, data: list[dict] | None) -> str | None:
+    """Why the source's classes are not the data's (same count, other classes or order), or None when they are
+    the same or either list is unknown."""
+    if not source or not data or len(source) != len(data):
+        return None
+    for i, (a, b) in enumerate(zip(source, data)):
+        if _class_id(a) is None or _class_id(b) is None:
+            return None
+        if _class_id(a) != _class_id(b):
+            return f"class {i} is '{a.get('name') or _class_id(a)}' there, '{b.get('name') or _class_id(b)}' here"
+    return None
+
+
+def init_weights(model: nn.Module, source: str, arch: str, classes: list[dict] | None = None) -> str:
     """Load the weights of `source` into a model about to be trained (weights only: the optimizer, schedule
     and data order start fresh). `source`: any file our loader reads (model.safetensors, a checkpoint,
     model_final.pth, a run folder) or "torchvision" (its ImageNet weights, only from the torch cache: never
-    downloaded here). A classifier of another class count is left at its fresh init. Returns what was done,
-    in one line; raises ValueError (one line) for a file that does not fit."""
+    downloaded here). The classifier is left at its fresh init when its class count differs, or when the source
+    names its classes and they are not `classes` (the data's, as manifest.json lists them: {"wnid", "name"}) in
+    the same order. Returns what was done, in one line; raises ValueError (one line) for a file that does not
+    fit."""
     if source == "torchvision":
         name = TORCHVISION_WEIGHTS[arch]
         weights = torchvision.models.get_weight(name)
@@ -108,6 +127,9 @@ def init_weights(model: nn.Module, source: str, arch: str) -> str:
                              f"here; fetch it once where there is a network (python -c \"import torchvision; "
                              f"torchvision.models.{name}.get_state_dict()\") or pass a file")
         state, origin = torch.load(cached, map_location="cpu", weights_only=True), f"torchvision {name} ({cached})"
+        from preprocess.sources import imagenet_classes
+
+        source_classes = [{"wnid": c.wnid, "name": c.name} for c in imagenet_classes()]
     else:
         from train import artifact  # it imports this module
 
@@ -119,15 +141,26 @@ def init_weights(model: nn.Module, source: str, arch: str) -> str:
             raise ValueError(f"--model.init={source}: holds a {loaded.arch}, this run builds a {arch} "
                              f"(--model.arch={loaded.arch} to start from it)")
         state, origin = loaded.model.state_dict(), f"{source} ({loaded.arch}, {loaded.num_classes} classes)"
+        source_classes = loaded.card.get("classes")
     own = model.state_dict()
     head = [k for k in ("fc.weight", "fc.bias") if k in state and state[k].shape != own[k].shape]
+    relabelled = None if head else _other_classes(source_classes, classes)
+    if relabelled:  # as many outputs, other meanings: its classifier would predict the source's classes
+        head = [k for k in ("fc.weight", "fc.bias") if k in state]
     wrong = [k for k in own if k in state and k not in head and state[k].shape != own[k].shape]
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     if wrong or missing:
         raise ValueError(f"--model.init={source}: does not fit this {arch} ({len(wrong)} tensors of another shape, "
                          f"{len(missing)} missing, e.g. {(wrong + missing)[0]})")
     model.load_state_dict({k: v for k, v in state.items() if k in own and k not in head}, strict=False)
-    kept = "a new classifier for this data's classes" if head else "its classifier too"
+    if relabelled:
+        kept = f"a new classifier: the source's classes are not this data's ({relabelled})"
+    elif head:
+        kept = "a new classifier for this data's classes"
+    elif source_classes and classes:
+        kept = "its classifier too (the same classes in the same order)"
+    else:
+        kept = "its classifier too (the source names no classes: assumed to be this data's, in this order)"
     return f"weights from {origin}; {kept}; optimizer, learning-rate schedule and data order start fresh"
 
 
