@@ -138,6 +138,8 @@ def test_images_per_second():
     assert meter.images_per_second() == 4.0
     meter.steady_images = 0
     assert meter.images_per_second() == 2.5
+    meter.images, meter.seconds = 3, 0.5  # under a second
+    assert meter.images_per_second() == 6.0
 
 
 class Scores(nn.Module):
@@ -171,7 +173,10 @@ def test_eval_logits_are_fp32_under_autocast():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     images = torch.randn(2, 3, 2, 2)
     for flip in (False, True):
-        assert engine.eval_logits(model, images, amp_dtype=torch.bfloat16, flip_tta=flip).dtype is torch.float32
+        low = engine.eval_logits(model, images, amp_dtype=torch.bfloat16, flip_tta=flip)
+        full = engine.eval_logits(model, images, amp_dtype=None, flip_tta=flip)
+        assert low.dtype is full.dtype is torch.float32
+        assert not torch.equal(low, full) and torch.allclose(low, full, atol=0.1)  # computed in bf16, then widened
 
 
 def test_metrics_log_rewrites_the_history_and_appends(tmp_path):
@@ -205,3 +210,76 @@ def test_metrics_log_tensorboard_scalars(tmp_path):
     assert sorted(events.Tags()["scalars"]) == ["epoch/resolution", "epoch/top1", "train/lr"]
     assert [(e.step, e.value) for e in events.Scalars("train/lr")] == [(3, 0.5)]
     assert [(e.step, e.value) for e in events.Scalars("epoch/top1")] == [(7, 0.25)]
+
+
+def test_train_step_is_one_sgd_step_on_the_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    images, labels = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 1])
+    reference = [p.detach().clone() for p in model.parameters()]
+    expected_loss = nn.functional.cross_entropy(model(images), labels)
+    grads = torch.autograd.grad(expected_loss, list(model.parameters()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss = engine.train_step(model, images, labels, optimizer, nn.CrossEntropyLoss(),
+                             torch.amp.GradScaler("cpu", enabled=False), None)
+    assert not loss.requires_grad and loss.item() == pytest.approx(expected_loss.item(), rel=1e-6)
+    for p, p0, g in zip(model.parameters(), reference, grads):
+        torch.testing.assert_close(p.detach(), p0 - 0.5 * g)
+    torch.manual_seed(0)
+    again = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    low = engine.train_step(again, images, labels, torch.optim.SGD(again.parameters(), lr=0.5), nn.CrossEntropyLoss(),
+                            torch.amp.GradScaler("cpu", enabled=False), torch.bfloat16)  # the forward in bf16
+    assert low.item() != expected_loss.item() and low.item() == pytest.approx(expected_loss.item(), abs=0.05)
+
+
+def test_accumulation_syncs_gradients_only_on_the_last_micro_batch():
+    import contextlib
+
+    class Ddp(nn.Sequential):
+        """DDP's no_sync(): the backward passes inside it skip the all-reduce."""
+
+        def __init__(self, *layers):
+            super().__init__(*layers)
+            self.log = []
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.log.append("no_sync")
+            yield
+            self.log.append("end")
+
+        def forward(self, images):
+            self.log.append("forward")
+            return super().forward(images)
+
+    model = Ddp(nn.Flatten(), nn.Linear(12, 3))
+    micro = [(torch.randn(2, 3, 2, 2), torch.tensor([0, 1])) for _ in range(3)]
+    engine.accumulated_step(model, micro, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                            torch.amp.GradScaler("cpu", enabled=False), None)
+    assert model.log == ["no_sync", "forward", "end", "no_sync", "forward", "end", "forward"]
+    model.log.clear()
+    engine.train_step(model, *micro[0], torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                      torch.amp.GradScaler("cpu", enabled=False), None)
+    assert model.log == ["forward"]
+
+
+def test_first_bad_step_zero_is_kept():
+    meter = engine.TrainMeter(CPU)
+    meter.add(torch.tensor(float("nan")), 0, 1)
+    meter.add(torch.tensor(float("inf")), 1, 1)
+    assert meter.first_bad.item() == 0
+
+
+def test_a_resumed_log_purges_the_tensorboard_steps_after_the_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = engine.MetricsLog(tmp_path, [], tensorboard=True, first_step=0)
+    for step in range(1, 7):
+        first.scalar("train/lr", float(step), step)
+    first.close()
+    resumed = engine.MetricsLog(tmp_path, [], tensorboard=True, first_step=3)  # checkpoint at step 3
+    resumed.scalar("train/lr", 50.0, 5)
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/lr")] == [(1, 1.0), (2, 2.0), (3, 3.0), (5, 50.0)]
