@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 # torch/torchvision first, pinned to the builds CI uses (CUDA wheels on x86-64 Linux, also fine on a CPU);
 # override on a GPU box whose driver wants another build:  make demo TORCH="torch==X torchvision==Y"
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
+# NVIDIA DALI's build for the driver's CUDA major (nvidia-smi's "CUDA Version"): dali-cu12 or dali-cu13
+DALI   ?= dali-cu12
 DEMO   ?= demo
 # SkyPilot pins click<8.2, which breaks huggingface_hub's CLI: it lives in a venv of its own, used by the
 # tests only to parse deploy/aws/*.yaml with SkyPilot's own loader.
@@ -21,12 +23,12 @@ $(SKY)/bin/.installed:
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[$(DALI)]'
 	touch $@
 
 # ... and what only the tests need on top (pytest, moto, selenium, onnx/onnxruntime for the export test).
 $(BIN)/.installed-dev: $(BIN)/.installed setup.cfg pyproject.toml
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,$(DALI)]'
 	touch $@
 
 install: $(BIN)/.installed

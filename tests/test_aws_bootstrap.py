@@ -392,3 +392,28 @@ def test_setup_stops_when_torch_cannot_use_the_driver(fake_bin, fake_venv, tmp_p
     proc = check_cuda(fake_bin, fake_venv, tmp_path, CUDA_VISIBLE_DEVICES="")
     assert proc.returncode == 1
     assert "cannot use NVIDIA driver 535.183.01" in proc.stderr and "TORCH_SPEC=" in proc.stderr
+
+
+NVIDIA_SMI_HEADER = """+-----------------------------------------------------------------------------------------+
+| NVIDIA-SMI 580.65.06              Driver Version: 580.65.06      CUDA Version: {cuda}     |
+|-----------------------------------------+------------------------+----------------------+"""
+
+
+@pytest.mark.parametrize("cuda,extra", [("13.0", "dali-cu13"), ("12.8", "dali-cu12"), (None, "dali-cu12")])
+def test_the_dali_build_follows_the_drivers_cuda(fake_bin, tmp_path, cuda, extra):
+    """setup installs the project with the DALI extra of the driver's CUDA major (nvidia-smi's header); no GPU
+    (no nvidia-smi): the CUDA 12 build, which also runs DALI's CPU operators."""
+    path = os.environ["PATH"]
+    if cuda is None:
+        (fake_bin / "nvidia-smi").unlink()
+        path = ":".join(p for p in path.split(":") if not (Path(p) / "nvidia-smi").exists())
+    else:
+        (fake_bin / "nvidia-smi").write_text("#!/usr/bin/env bash\ncat <<'EOF'\n"
+                                             + NVIDIA_SMI_HEADER.format(cuda=cuda) + "\nEOF\n")
+    proc = subprocess.run(["bash", "-c", 'set -euo pipefail; source "$1"; m=$(driver_cuda_major); '
+                                         'echo "$m $(dali_extra "$m")"', "bash", str(BOOTSTRAP)],
+                          capture_output=True, text=True, env={"PATH": f"{fake_bin}:{path}", "HOME": str(tmp_path)},
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    expected = [cuda.split(".")[0], extra] if cuda else [extra]
+    assert proc.stdout.split() == expected

@@ -89,9 +89,10 @@ def dali_modules():
     try:
         from nvidia.dali import Pipeline, fn, types
     except ImportError as exc:
-        raise ImportError("NVIDIA DALI is not installed: `pip install nvidia-dali-cuda120` for a CUDA 12 driver or "
-                          "`nvidia-dali-cuda130` for CUDA 13 (nvidia-smi shows the driver's CUDA version; Linux "
-                          "x86-64/aarch64), or use train.data.build_baseline_loader (torchvision DataLoader)") from exc
+        raise ImportError("NVIDIA DALI is not installed: `pip install -e '.[dali-cu12]'` (nvidia-dali-cuda120) for a "
+                          "CUDA 12 driver or `.[dali-cu13]` (nvidia-dali-cuda130) for CUDA 13 (nvidia-smi shows the "
+                          "driver's CUDA version; Linux x86-64/aarch64), or use train.data.build_baseline_loader "
+                          "(torchvision DataLoader)") from exc
     return Pipeline, fn, types
 
 

@@ -7,7 +7,7 @@
 #
 # Steps (each also runs alone: bash deploy/aws/bootstrap.sh STEP):
 #   nvme      mount the local NVMe instance store (RAID-0 if several) at $NVME_MOUNT; prints the data root
-#   env       python venv at $VENV with torch and this project (pip install -e '.[aws]')
+#   env       python venv at $VENV with torch and this project (pip install -e '.[aws,dali-cu12|13]')
 #   data      shards at DATA_ROOT/shards: from the S3 cache, else HF download + preprocess.shard + upload
 #   setup     nvme + env + data  (SkyPilot's `setup:`)
 #   train     torchrun -m train.main with S3 mirroring of the run folder, the spot watcher, and restarts
@@ -160,10 +160,24 @@ env_setup() {
   log "installing ${torch_spec[*]} and the project into $VENV"
   "$VENV/bin/pip" install -q --upgrade pip
   "$VENV/bin/pip" install -q "${torch_spec[@]}"
-  "$VENV/bin/pip" install -q -e "${REPO_DIR}[aws]"
+  local major dali
+  major=$(driver_cuda_major)
+  dali=${DALI_EXTRA:-$(dali_extra "$major")}
+  log "NVIDIA DALI: the $dali build (driver's CUDA: ${major:-no GPU}; DALI_EXTRA=dali-cu12|dali-cu13 overrides)"
+  "$VENV/bin/pip" install -q -e "${REPO_DIR}[aws,$dali]"
   "$VENV/bin/python" -c 'import boto3' 2> /dev/null || "$VENV/bin/pip" install -q boto3
   check_cuda
   echo "$want" > "$stamp"
+}
+
+# The driver's CUDA major from nvidia-smi's header ("CUDA Version: 13.0"); empty without a GPU.
+driver_cuda_major() {
+  { nvidia-smi 2> /dev/null || true; } | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\)\..*/\1/p' | head -n 1
+}
+
+# The DALI extra for a CUDA major: dali-cu13 from 13 on, else (12, or no GPU) dali-cu12.
+dali_extra() {
+  if [[ -n ${1:-} ]] && (( $1 >= 13 )); then echo dali-cu13; else echo dali-cu12; fi
 }
 
 # Fails in setup (minutes, cheap) rather than in run when the torch wheel's CUDA is newer than the driver.
