@@ -36,6 +36,8 @@ def test_autocast_only_with_a_dtype():
     with engine.autocast("cpu", torch.bfloat16):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16
         assert nn.Linear(4, 2)(torch.randn(3, 4)).dtype is torch.bfloat16
+    with engine.autocast("cpu", torch.float16):  # not the CPU's default autocast dtype
+        assert torch.get_autocast_dtype("cpu") is torch.float16
 
 
 class Recorder:
@@ -63,7 +65,7 @@ class Ema:
         self.updates += 1
 
 
-def epoch(n_batches, *, accum=1, first=0, stop_after=None, ema=None, loss_of=None):
+def epoch(n_batches, *, accum=1, first=0, stop_after=None, ema=None, loss_of=None, amp=None):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     optimizer = Recorder(list(model.parameters()))
@@ -76,7 +78,7 @@ def epoch(n_batches, *, accum=1, first=0, stop_after=None, ema=None, loss_of=Non
         return stop_after is not None and done >= stop_after
 
     stopped = engine.train_one_epoch(model, batches, optimizer, criterion=loss_of or nn.CrossEntropyLoss(),
-                                     scaler=torch.amp.GradScaler("cpu", enabled=False), amp_dtype=None, device=CPU,
+                                     scaler=torch.amp.GradScaler("cpu", enabled=False), amp_dtype=amp, device=CPU,
                                      lr_at_step=lambda s: 0.1 * (s + 1), first_global_step=first, meter=meter,
                                      ema=ema, after_step=after_step, accum_steps=accum)
     return stopped, optimizer, meter, seen, model
@@ -127,8 +129,32 @@ def test_meter_sums_the_losses_and_records_the_first_non_finite_step():
     assert (restored.steady_images, restored.steady_seconds) == (0, 0.0) and restored.images_per_second() == 8 / 2.5
 
 
+def test_epoch_time_and_precision():
+    import time
+
+    def slow(n):
+        for k in range(n):
+            time.sleep(0.05)
+            yield torch.randn(2, 3, 2, 2), torch.tensor([0, 1])
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    meter = engine.TrainMeter(CPU)
+    start = time.perf_counter()
+    engine.train_one_epoch(model, slow(4), torch.optim.SGD(model.parameters(), lr=0.1), criterion=nn.CrossEntropyLoss(),
+                           scaler=torch.amp.GradScaler("cpu", enabled=False), amp_dtype=None, device=CPU,
+                           lr_at_step=lambda s: 0.1, first_global_step=0, meter=meter)
+    elapsed = time.perf_counter() - start
+    assert 0.15 < meter.steady_seconds < meter.seconds <= elapsed  # steps 2-4, each waits 0.05 s for its batch
+    low, full = epoch(3, amp=torch.bfloat16)[2], epoch(3)[2]
+    assert low.loss_sum.item() != full.loss_sum.item()  # the forward ran in bf16
+    assert low.loss_sum.item() == pytest.approx(full.loss_sum.item(), abs=0.1)
+
+
 def test_images_per_second():
     meter = engine.TrainMeter(CPU)
+    assert meter.state_dict() == {"loss_sum": 0.0, "first_bad": -1, "steps": 0, "images": 0, "seconds": 0.0,
+                                  "steady_images": 0, "steady_seconds": 0.0}
     assert meter.images_per_second() == 0.0
     meter.images, meter.seconds = 10, 4.0
     assert meter.images_per_second() == 2.5

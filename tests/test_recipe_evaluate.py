@@ -98,6 +98,7 @@ def test_summary_numbers():
     assert ev.summary() == {"images": 3, "skipped": 1, "top1": 0.333333, "top5": 0.666667, "outputs": 10,
                             "correct": 1, "seconds": 1.235, "images_per_s": 2.4}
     assert Evaluation(predictions, [], 0.0, {}).summary()["images_per_s"] is None
+    assert Evaluation(predictions, [], 0.5, {}).summary()["images_per_s"] == 6.0  # under a second
     assert Evaluation(predictions, [], 0.0, {}).top5 == 2 / 3  # outputs unknown: counted
     assert Evaluation(predictions, [], 0.0, {"outputs": 6}).top5 == 2 / 3
     assert Evaluation(predictions, [], 0.0, {"outputs": 5}).top5 is None
