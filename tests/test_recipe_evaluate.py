@@ -186,3 +186,12 @@ def test_load_errors_are_one_line(tmp_path):
         evaluate.load(path)
     path.write_text(header + good)
     assert evaluate.load(path).predictions == [Prediction(0, "k0", 1, 1, 0.5, 0.5, (1, 2), (0.5, 0.25))]
+
+
+def test_predict_scores_under_the_asked_precision():
+    _, batches = make_batches()
+    full = evaluate.predict(Linear(), batches, device=torch.device("cpu"), progress=False)
+    _, batches = make_batches()
+    low = evaluate.predict(Linear(), batches, device=torch.device("cpu"), amp_dtype=torch.bfloat16, progress=False)
+    assert [p.true_prob for p in low.predictions] != [p.true_prob for p in full.predictions]  # computed in bf16
+    assert [p.true_prob for p in low.predictions] == pytest.approx([p.true_prob for p in full.predictions], abs=0.05)
