@@ -37,9 +37,8 @@ def _ready() -> None:
     """The no-op task that starts each worker."""
 
 
-def describe_exit(code: int | None) -> str:
-    if code is None:
-        return "still running"
+def describe_exit(code: int) -> str:
+    """How a finished worker ended: its signal (with the OOM killer's hint for SIGKILL) or exit status."""
     if code < 0:
         try:
             name = signal.Signals(-code).name
@@ -64,12 +63,12 @@ class Workers:
         main = threading.current_thread() is threading.main_thread()
         previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS} if main else {}
         try:
-            started = [self.executor.submit(_ready) for _ in range(n)]
+            for _ in range(n):
+                self.executor.submit(_ready)  # its result is nothing: it only starts a worker
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         self.processes = list(getattr(self.executor, "_processes", {}).values())
-        del started  # their results are nothing; they only started the workers
 
     def imap_unordered(self, jobs: Iterable) -> Iterator:
         jobs = iter(jobs)
