@@ -66,3 +66,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_report_header(config) -> str:
+    """The free disk where the tests write (their tmp folders): a full disk shows up as unrelated failures."""
+    import shutil
+    import tempfile
+
+    root = Path(config.option.basetemp or tempfile.gettempdir())
+    while not root.exists():
+        root = root.parent
+    free_gib = shutil.disk_usage(root).free / 2**30
+    return f"disk: {free_gib:.1f} GiB free under {root} (the suite's tmp folders peak at a few GiB)"
