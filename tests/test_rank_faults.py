@@ -69,10 +69,6 @@ def start(cmd: list[str]) -> subprocess.Popen:
                             start_new_session=True)
 
 
-@pytest.mark.xfail(strict=False, raises=(AssertionError, subprocess.TimeoutExpired),
-                   reason="flaky on a loaded 2-core machine: in 2 of 4 runs (2026-12-03) torchrun's restarted round "
-                          "never trained (once gloo's rendezvous was refused, once it hung until the timeout); in the "
-                          "others it ended bit-identical. Open: see docs/RELIABILITY.md")
 def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_never_killed(shards_dir, tmp_path, two_rank_reference):
     out = tmp_path / "run"
     # more than one restart allowed: on a loaded machine a restarted round's gloo rendezvous can itself fail
@@ -114,3 +110,26 @@ def test_a_hung_rank_times_out_with_one_line(shards_dir, tmp_path):
     assert errors, stderr[-3000:]
     assert "failed waiting for another rank" in errors[0] and "--run.dist_timeout_s=10" in errors[0]
     assert "last checkpoint: " in errors[0]
+
+
+def test_each_torchrun_round_gets_its_own_store_keys(monkeypatch):
+    """torchrun shares one store with the workers of every restart round: a round's keys must not be read by
+    the next one (the cause of restarted rounds that connected to a dead rank's port)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from train import distributed
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=10))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    for restart, value in (("0", b"dead rank's port"), ("1", b"new port")):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", restart)
+        distributed.round_store(datetime.timedelta(seconds=10)).set("rank1/address", value)
+    assert server.get("train.main/round-0/rank1/address") == b"dead rank's port"
+    assert server.get("train.main/round-1/rank1/address") == b"new port"
+    assert not server.check(["rank1/address"])  # nothing unprefixed, where every round would meet
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # a store per round (or no torchrun): torch's own
+    assert distributed.round_store() is None

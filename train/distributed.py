@@ -60,8 +60,24 @@ def init_distributed(device_type: str, timeout: datetime.timedelta | None = None
     if world_size > 1:
         backend = "nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout,
-                                device_id=device if device_type == "cuda" else None)
+                                store=round_store(timeout), device_id=device if device_type == "cuda" else None)
     return DistInfo(rank, world_size, local_rank, local_world_size, device)
+
+
+def round_store(timeout: datetime.timedelta | None = None) -> dist.Store | None:
+    """The key-value store for this torchrun round, or None to let init_process_group make one.
+
+    torchrun's agent serves the workers' store (TORCHELASTIC_USE_AGENT_STORE=True) and keeps the same one
+    for every round of `--max-restarts`. Without a prefix of its own, a restarted round reads the keys that
+    the dead round left: gloo connects to a dead rank's port ("Connection refused") or waits until the
+    timeout (torch 2.14, `--standalone`, 2 CPU ranks: 5 of 6 restarts failed so; pytorch/pytorch#135712).
+    The restart count keys the round: the same on every rank of a node (one agent); across nodes each
+    agent counts its own restarts, which agree when every node restarts once per failure."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout or datetime.timedelta(minutes=30))
+    return dist.PrefixStore(f"train.main/round-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 class CollectiveError(RuntimeError):
