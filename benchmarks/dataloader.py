@@ -19,13 +19,14 @@ import os
 import shlex
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import torch
 
 from preprocess.cli import ArgumentParser
-from benchmarks.report import add_report_flags, append_result, cpu_description, report_path
+from benchmarks.report import add_report_flags, append_result, cpu_description, markdown_table, report_path
 from preprocess.manifest import MANIFEST, load_manifest, split_shards
 from preprocess.writer import ShardWriter, shard_name
 from train import data
@@ -93,14 +94,22 @@ def measure(batches, batch_size: int, seconds: float, warmup: int, sync) -> dict
             "images/s per busy core": round(rate / busy, 1) if busy > 0 else "n/a", "batches": count}
 
 
-def dali_batches(pipe, dtype, classes: int):
-    while True:
-        images, labels = pipe.run()
-        yield data.batch_to_torch(images, labels, dtype, classes)
+def dali_batches(pipe, dtype, classes: int, device_id: int | None):
+    """Batches as the trainer takes them (train.data's `_run_pipe`, `batch_to_torch`, `_InFlight`): on a GPU
+    bound to torch's stream and cast to the training dtype, the DALI outputs held until torch is done."""
+    in_flight = data._InFlight(device_id)
+    try:
+        while True:
+            images, labels = data._run_pipe(pipe, device_id)
+            yield data.batch_to_torch(images, labels, dtype, classes)
+            in_flight.hold((images, labels))
+    finally:
+        in_flight.release()
 
 
 def measure_dali(data_dir: Path, device: str, threads: int, res: int, batch_size: int, dtype: torch.dtype,
-                 seconds: float, warmup: int, decode: str = "fused") -> dict:
+                 seconds: float, warmup: int, decode: str = "fused", hw_decoder_load: float = data.HW_DECODER_LOAD_AUTO,
+                 prefetch_depth: int = data.PREFETCH_DEPTH) -> dict:
     manifest = load_manifest(data_dir)
     shards = split_shards(data_dir, "train", manifest)
     device_id = 0 if device == "gpu" else None
@@ -108,14 +117,81 @@ def measure_dali(data_dir: Path, device: str, threads: int, res: int, batch_size
     start = time.perf_counter()
     pipe = data.build_train_pipeline([t for t, _ in shards], [i for _, i in shards], batch_size=batch_size, res=res,
                                      device_id=device_id, num_threads=threads, dtype=dtype, decode=decode,
-                                     max_side=data.manifest_max_side(manifest))
-    batches = dali_batches(pipe, dtype, int(manifest["num_classes"]))
+                                     max_side=data.manifest_max_side(manifest), hw_decoder_load=hw_decoder_load,
+                                     prefetch_depth=prefetch_depth)
+    batches = dali_batches(pipe, dtype, int(manifest["num_classes"]), device_id)
     next(batches)
     sync()
     setup = time.perf_counter() - start
     result = measure(batches, batch_size, seconds, warmup, sync)
+    load = data.default_hw_decoder_load(device_id) if hw_decoder_load == data.HW_DECODER_LOAD_AUTO else hw_decoder_load
     return {"pipeline": f"dali-{device}" + ("" if decode == "fused" else f"-{decode}"), "device": device,
-            "threads": threads, "res": res, "batch": batch_size, **result, "epoch setup s": round(setup, 2)}
+            "threads": threads, "res": res, "batch": batch_size, **result, "epoch setup s": round(setup, 2),
+            "dtype": str(dtype).removeprefix("torch."), "hw decoder load": load if device == "gpu" else "n/a",
+            "prefetch": prefetch_depth}
+
+
+def _python_rate(stop: threading.Event, counts: list) -> None:
+    """Counts loop iterations of plain Python until `stop`: how far another thread gets while the GIL is held."""
+    n = 0
+    while not stop.is_set():
+        for _ in range(1000):
+            n += 1
+        counts[0] = n
+
+
+def _python_speed(seconds: float, during=None) -> tuple[float, float]:
+    """(iterations/s of a counting thread, wall seconds) while `during()` runs, or for `seconds` alone."""
+    stop, counts = threading.Event(), [0]
+    thread = threading.Thread(target=_python_rate, args=(stop, counts), daemon=True)
+    start = time.perf_counter()
+    thread.start()
+    if during is None:
+        time.sleep(seconds)
+    else:
+        during()
+    wall = time.perf_counter() - start
+    stop.set()
+    thread.join()
+    return counts[0] / wall, wall
+
+
+def measure_build(shards: int, device: str, threads: int, res: int, batch_size: int) -> dict:
+    """Seconds to build the training pipeline over `shards` fabricated shards (2 small JPEGs each, so the
+    index count is ImageNet's 1,281 at the default while the files stay tiny), the first batch after it,
+    and how fast another Python thread ran meanwhile (DALI holds the GIL while it builds; the trainer
+    builds the next epoch's pipeline during validation)."""
+    from benchmarks.photos import photo_jpegs
+
+    device_id = 0 if device == "gpu" else None
+    with tempfile.TemporaryDirectory(prefix="dataloader-build-") as tmp:
+        split_dir = Path(tmp) / "train"
+        split_dir.mkdir()
+        jpegs = list(photo_jpegs(2, seed=0, quality=90, max_side=64))
+        tars, idxs = [], []
+        for i in range(shards):
+            writer = ShardWriter(split_dir, shard_name(i))
+            for j, jpeg in enumerate(jpegs):
+                writer.write(f"s{i:05d}_{j}", jpeg, j)
+            writer.close()
+            tars.append(writer.tar_path)
+            idxs.append(writer.idx_path)
+        alone, _ = _python_speed(0.5)
+        box = {}
+
+        def build():
+            box["pipe"] = data.build_train_pipeline([str(t) for t in tars], [str(x) for x in idxs],
+                                                    batch_size=batch_size, res=res, device_id=device_id,
+                                                    num_threads=threads)
+
+        during, build_s = _python_speed(0, build)
+        start = time.perf_counter()
+        data._run_pipe(box["pipe"], device_id)
+        first_s = time.perf_counter() - start
+        del box["pipe"]
+    return {"pipeline": f"pipeline-build dali-{device}", "shards": shards, "threads": threads, "build s": round(build_s, 3),
+            "first batch s": round(first_s, 3),
+            "other Python thread during build, % of its speed": round(100 * during / alone, 1) if alone else "n/a"}
 
 
 def measure_baseline(data_dir: Path, workers: int, res: int, batch_size: int, seconds: float, warmup: int) -> dict:
@@ -134,11 +210,11 @@ def measure_baseline(data_dir: Path, workers: int, res: int, batch_size: int, se
 
 
 def print_table(rows: list[dict]) -> None:
-    columns = list(rows[0])
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    columns = list(dict.fromkeys(c for row in rows for c in row))  # the union, in first-seen order
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for row in rows:
-        print("  ".join(str(row[c]).rjust(w) for c, w in zip(columns, widths)))
+        print("  ".join(str(row.get(c, "")).rjust(w) for c, w in zip(columns, widths)))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -159,11 +235,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=30.0, help="timed wall seconds per measurement")
     p.add_argument("--warmup", type=int, default=5, help="untimed batches before each measurement")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="DALI output precision (default: fp16 on gpu, fp32 on cpu like the baseline)")
+                   help="DALI output precision (default: what the trainer feeds the model: bf16 on a GPU that has "
+                        "it, else fp16; fp32 on the CPU like the baseline)")
     p.add_argument("--baseline", action="store_true", help="also measure the torchvision DataLoader path")
     p.add_argument("--decode", choices=["fused", "split", "both"], default="fused",
                    help="DALI decode path: fused (decoders.image_random_crop), split (decoders.image + "
                         "random_resized_crop, the trainer's fallback) or both")
+    p.add_argument("--hw-decoder-load", type=float, nargs="+", default=[data.HW_DECODER_LOAD_AUTO],
+                   help="share (0-1) of each batch for the GPU's hardware JPEG decoder, one measurement per value; "
+                        f"{data.HW_DECODER_LOAD_AUTO:g} = the trainer's choice (0.9 on H100/H200, else DALI's 0.65); "
+                        "ignored on the CPU")
+    p.add_argument("--prefetch-depth", type=int, default=data.PREFETCH_DEPTH,
+                   help="batches DALI prepares ahead (the trainer's --data.prefetch_depth)")
+    p.add_argument("--build-shards", type=int, default=0,
+                   help="also time building the training pipeline over this many fabricated shards (ImageNet's "
+                        "train split has 1281 at the default 1000 images per shard) and the first batch after it, "
+                        "and how fast another Python thread runs meanwhile")
     p.add_argument("--json", type=Path, default=None, help="also append each row to this file as a JSON line")
     p.add_argument("--images", type=int, default=320, help="synthetic images to write when no --data")
     p.add_argument("--max-side", type=int, default=500, help="longest side of synthetic images, pixels")
@@ -175,7 +262,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         cores = os.cpu_count() or 1
         # What one trainer process gets: the host's cores shared by its GPUs, at most 8 (DALI threads per GPU).
         args.threads = min(8, max(1, cores // max(1, torch.cuda.device_count()))) if args.device == "gpu" else cores
-    for name in ("batch_size", "threads", "warmup", "images", "max_side"):
+    for load in args.hw_decoder_load:
+        if load != data.HW_DECODER_LOAD_AUTO and not 0 <= load <= 1:
+            p.error(f"--hw-decoder-load {load:g}: must be in [0, 1], or {data.HW_DECODER_LOAD_AUTO:g} for the trainer's choice")
+    if args.build_shards < 0:
+        p.error(f"--build-shards {args.build_shards}: must be 0 (off) or more")
+    for name in ("batch_size", "threads", "warmup", "images", "max_side", "prefetch_depth"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be positive")
     if min(args.res) < 8:
@@ -195,7 +287,8 @@ def describe(device: str) -> str:
 
 
 def run(args: argparse.Namespace, data_dir: Path) -> list[dict]:
-    dtype = DTYPES[args.dtype or ("fp16" if args.device == "gpu" else "fp32")]
+    default = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if args.device == "gpu" else "fp32"
+    dtype = DTYPES[args.dtype or default]
     rows = []
     decodes = ["fused", "split"] if args.decode == "both" else [args.decode]
 
@@ -205,12 +298,16 @@ def run(args: argparse.Namespace, data_dir: Path) -> list[dict]:
             with open(args.json, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    loads = args.hw_decoder_load if args.device == "gpu" else [data.HW_DECODER_LOAD_AUTO]
     for res in args.res:
         for decode in decodes:
-            keep(measure_dali(data_dir, args.device, args.threads, res, args.batch_size, dtype, args.seconds,
-                              args.warmup, decode))
+            for load in loads:
+                keep(measure_dali(data_dir, args.device, args.threads, res, args.batch_size, dtype, args.seconds,
+                                  args.warmup, decode, load, args.prefetch_depth))
         if args.baseline:
             keep(measure_baseline(data_dir, args.threads, res, args.batch_size, args.seconds, args.warmup))
+    if args.build_shards:
+        keep(measure_build(args.build_shards, args.device, args.threads, args.res[0], args.batch_size))
     return rows
 
 
@@ -224,11 +321,18 @@ def main(argv=None) -> int:
         else:
             data_dir, source = args.data, str(args.data)
         rows = run(args, data_dir)
+    build_rows = [r for r in rows if r["pipeline"].startswith("pipeline-build")]
+    rows = [r for r in rows if not r["pipeline"].startswith("pipeline-build")]
     print_table(rows)
+    if build_rows:
+        print()
+        print_table(build_rows)
     target = report_path(args.report, args.no_report)
     if target is not None:
         notes = (f"data: {source}. 1-min load average at start {load:.2f} on {os.cpu_count()} cores "
                  f"(shared machine: other jobs may have been running). {args.notes}").strip()
+        if build_rows:
+            notes += "\n\nPipeline build (`--build-shards`):\n\n" + markdown_table(build_rows)
         command = "python -m benchmarks.dataloader " + shlex.join(sys.argv[1:] if argv is None else argv)
         path = append_result("Dataloader", rows, command, describe(args.device), notes, path=target)
         print(f"appended to {path}")

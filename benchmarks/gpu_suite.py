@@ -15,7 +15,9 @@ with a time budget, each run even when an earlier one failed:
                        is missing or damaged: the stages that read the photo shards are not affected)
   gpu-tests            pytest tests/test_data_gpu.py (skipped without CUDA)
   dali                 DALI images/s (fused and split decode) at 160 and 192 px with 4 and 6 CPU threads,
-                       against the torchvision DataLoader with 6 workers (benchmarks.dataloader)
+                       against the torchvision DataLoader with 6 workers (benchmarks.dataloader); the GPU
+                       decoder's share of each batch (hw_decoder_load 0.65 and 0.99 besides the trainer's
+                       0.9 on H200) at 192 px; the pipeline build over 1,281 shard indexes
   train-step           our step (bf16, channels_last, fed bf16) vs the reference (torchvision fp16 NCHW AMP
                        + GradScaler) at 160/192/224 px, batch 256, eager (benchmarks.train_step)
   train-main           `python -m train.main` for 2 epochs on the shards, SIGTERM as soon as epoch 2 starts
@@ -87,6 +89,8 @@ class Sizes:
     dali_threads: list
     baseline_workers: int
     dali_seconds: float
+    hw_decoder_loads: list  # the GPU decoder's shares of each batch tried besides the trainer's choice (0.9 on H200)
+    build_shards: int  # shards (index files) the pipeline-build timing fabricates
     batch: int
     step_res: list  # eager step resolutions
     compiled_res: list  # compiled step resolutions, the headline one first (its row is written as measured)
@@ -102,14 +106,15 @@ def sizes_for(device: str, profile: str) -> Sizes:
     if device == "cuda":
         # quick: 500 s of stages, what the third device call has left after unpacking the wheels
         # (600 s per command); not yet checked on a GPU
-        budgets = {"data": 40, "gpu-tests": 80, "dali": 100, "train-step": 35, "train-main": 110,
+        budgets = {"data": 35, "gpu-tests": 70, "dali": 115, "train-step": 35, "train-main": 110,
                    "train-step-compiled": 135, "proxy": 0}
         if full:
             budgets = {"data": 60, "gpu-tests": 120, "dali": 200, "train-step": 90, "train-main": 300,
                        "train-step-compiled": 400, "viz-eval": 120, "proxy": 3600}
         return Sizes(deadline_s=500 if not full else 5400, budgets=budgets, photos=256 if not full else 1024,
                      photo_side=500, res=[160, 192] + ([224] if full else []), dali_threads=[4, 6] + ([8] if full else []),
-                     baseline_workers=6, dali_seconds=5 if not full else 15, batch=256, step_res=[160, 192, 224],
+                     baseline_workers=6, dali_seconds=5 if not full else 15, hw_decoder_loads=[0.65, 0.99],
+                     build_shards=1281, batch=256, step_res=[160, 192, 224],
                      compiled_res=[224, 160, 192], steps=15 if not full else 40,
                      toy={"classes": 10, "per_class": 100, "val_per_class": 20, "size": 160},
                      train_args=["--config", "rn50", "--data.batch_size=256", "--val.batch_size=256",
@@ -119,7 +124,8 @@ def sizes_for(device: str, profile: str) -> Sizes:
     budgets = {"data": 120, "gpu-tests": 120, "dali": 120, "train-step": 120, "train-main": 240,
                "train-step-compiled": 240, "viz-eval": 180, "proxy": 600}
     return Sizes(deadline_s=1200 if not full else 3600, budgets=budgets, photos=32, photo_side=500, res=[64, 96],
-                 dali_threads=[2], baseline_workers=2, dali_seconds=1, batch=16, step_res=[64], compiled_res=[64],
+                 dali_threads=[2], baseline_workers=2, dali_seconds=1, hw_decoder_loads=[], build_shards=64, batch=16,
+                 step_res=[64], compiled_res=[64],
                  steps=2, toy={"classes": 10, "per_class": 10, "val_per_class": 4, "size": 64},
                  train_args=["--config", "smoke", "--model.arch=resnet18", "--data.batch_size=16",
                              "--data.num_threads=1", "--val.batch_size=35", "--schedule.res_min=32",
@@ -358,9 +364,16 @@ class Suite:
                    "--res", *map(str, s.res), "--threads", str(threads), "--seconds", str(s.dali_seconds),
                    "--batch-size", str(s.batch), "--warmup", "3", "--json", str(rows),
                    "--notes", f"gpu_suite {self.profile}"]
-            if last:  # the split decode path and the torchvision baseline (workers = threads) once
-                cmd += ["--decode", "both", "--baseline"]
+            if last:  # the split decode path, the torchvision baseline (workers = threads) and the pipeline
+                # build over ImageNet's shard count, once
+                cmd += ["--decode", "both", "--baseline", "--build-shards", str(s.build_shards)]
             commands.append(cmd)
+        if s.hw_decoder_loads:  # the hardware decoder's share of each batch, besides the trainer's own choice
+            commands.append([self.python, "-m", "benchmarks.dataloader", "--data", str(self.data["photos"]),
+                             "--device", device, "--res", str(s.res[-1]), "--threads", str(s.baseline_workers),
+                             "--seconds", str(s.dali_seconds), "--batch-size", str(s.batch), "--warmup", "3",
+                             "--json", str(rows), "--notes", f"gpu_suite {self.profile}",
+                             "--hw-decoder-load", *map(str, s.hw_decoder_loads)])
         self.run_commands(result, commands)
         result.figures = {"rows": _read_jsonl(rows)}
 
@@ -560,10 +573,17 @@ def collect_figures(stages: dict, gpu_name: str) -> dict:
     dali_rows = stages["dali"].figures.get("rows", []) if "dali" in stages else []
     eager = stages["train-step"].figures.get("rows", []) if "train-step" in stages else []
     compiled = stages["train-step-compiled"].figures.get("rows", []) if "train-step-compiled" in stages else []
-    out: dict = {"dali": {}, "baseline": {}, "step": {}, "ratios": {}, "train_main": {}}
+    out: dict = {"dali": {}, "baseline": {}, "build": {}, "step": {}, "ratios": {}, "train_main": {}}
+    builds = [row for row in dali_rows if row["pipeline"].startswith("pipeline-build")]
+    dali_rows = [row for row in dali_rows if row not in builds]
+    for row in builds:
+        out["build"][f"{row['pipeline'].split()[-1]} pipeline over {row['shards']} shards"] = {
+            key: row[key] for key in ("build s", "first batch s", "other Python thread during build, % of its speed")}
     for row in dali_rows:
         if row["pipeline"].startswith("dali"):
-            out["dali"][f"{row['pipeline']} {row['res']} px {row['threads']} thr"] = row["images/s"]
+            load = row.get("hw decoder load")
+            out["dali"][f"{row['pipeline']} {row['res']} px {row['threads']} thr"
+                        + (f" hw_decoder_load {load:g}" if isinstance(load, (int, float)) else "")] = row["images/s"]
         else:
             out["baseline"][f"{row['res']} px {row['threads']} workers"] = row["images/s"]
     from benchmarks.train_step import bf16_peak_tflops
@@ -632,6 +652,9 @@ def figure_lines(f: dict) -> list[str]:
     lines = ["| figure | value |", "|---|---|"]
     lines += [f"| {key} images/s | {_rate(value)} |" for key, value in f["dali"].items()]
     lines += [f"| torchvision DataLoader {key} images/s | {_rate(value)} |" for key, value in f["baseline"].items()]
+    lines += [f"| {key}: build s, first batch s, another Python thread's speed meanwhile | {v['build s']}, "
+              f"{v['first batch s']}, {v['other Python thread during build, % of its speed']} % |"
+              for key, v in f.get("build", {}).items()]
     for key, value in f["step"].items():
         pct = (f", {value['% of peak']}% of the datasheet's {value['peak TFLOP/s']:g}"
                if value["% of peak"] is not None else "")

@@ -69,10 +69,29 @@ def test_help_explains_every_flag(capsys):
 
 
 def test_bad_flags_are_refused(capsys):
-    for argv in (["--seconds", "0"], ["--threads", "0"], ["--res", "160", "4"]):
+    for argv in (["--seconds", "0"], ["--threads", "0"], ["--res", "160", "4"], ["--hw-decoder-load", "1.5"],
+                 ["--build-shards", "-1"], ["--prefetch-depth", "0"]):
         with pytest.raises(SystemExit) as exit_:
             dataloader.parse_args(argv)
         assert exit_.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith("python -m benchmarks.dataloader: error:")
+
+
+def test_rows_say_how_the_batches_were_made_and_the_build_is_timed_over_many_shards(capsys):
+    argv = ["--device", "cpu", "--seconds", "0.5", "--warmup", "0", "--batch-size", "4", "--res", "32",
+            "--threads", "1", "--images", "8", "--max-side", "64", "--prefetch-depth", "3", "--build-shards", "40",
+            "--hw-decoder-load", "0.5", "0.99"]  # the decoder share means nothing on the CPU: one row, "n/a"
+    rows = dataloader.run(dataloader.parse_args(argv), dataloader.write_synthetic_shards(
+        __import__("pathlib").Path(__import__("tempfile").mkdtemp()), 8, max_side=64))
+    loaders = [r for r in rows if r["pipeline"] == "dali-cpu"]
+    assert len(loaders) == 1 and loaders[0]["dtype"] == "float32" and loaders[0]["prefetch"] == 3
+    assert loaders[0]["hw decoder load"] == "n/a"
+    build = next(r for r in rows if r["pipeline"] == "pipeline-build dali-cpu")
+    assert build["shards"] == 40 and build["build s"] > 0 and build["first batch s"] > 0
+    assert 0 < build["other Python thread during build, % of its speed"]
+    assert dataloader.main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^pipeline-build dali-cpu\s+40\s+1\s", out, re.M), out  # a table of its own
 
 
 def test_report_appends_to_the_end_of_its_section_and_creates_missing_ones(tmp_path, monkeypatch):

@@ -41,6 +41,9 @@ def test_goals_are_judged_from_the_rows():
             {"pipeline": "dali-gpu", "res": 160, "threads": 6, "images/s": 16000.0},
             {"pipeline": "dali-gpu", "res": 192, "threads": 6, "images/s": 9000.0},
             {"pipeline": "dali-gpu", "res": 192, "threads": 8, "images/s": 99000.0},  # > 6 threads: not counted
+            {"pipeline": "dali-gpu", "res": 192, "threads": 6, "images/s": 8500.0, "hw decoder load": 0.99},
+            {"pipeline": "pipeline-build dali-gpu", "shards": 1281, "threads": 6, "build s": 0.06,
+             "first batch s": 1.2, "other Python thread during build, % of its speed": 95.0},  # not a rate
             {"pipeline": "torchvision-dataloader", "res": 160, "threads": 6, "images/s": 2000.0}]}),
         "train-step": gpu_suite.StageResult("train-step", figures={"rows": rows("ours", {160: 9000.0, 192: 8000.0, 224: 5000.0})
                                                                   + rows("reference", {160: 5000.0, 192: 5000.0, 224: 3000.0})}),
@@ -65,6 +68,10 @@ def test_goals_are_judged_from_the_rows():
     assert step["% of peak"] == pytest.approx(100 * 12000 * 24.6 * (160 / 224) ** 2 / 1000 / 989, abs=0.1)
     assert "% of the datasheet's 989" in "\n".join(gpu_suite.figure_lines(figures))
     assert all(g["status"] == "n/a" for g in gpu_suite.collect_figures(stages, "NVIDIA A100")["goals"][:2])
+    assert figures["dali"]["dali-gpu 192 px 6 thr hw_decoder_load 0.99"] == 8500.0  # its own row, beside 9,000
+    assert figures["dali"]["dali-gpu 192 px 6 thr"] == 9000.0
+    assert figures["build"]["dali-gpu pipeline over 1281 shards"]["first batch s"] == 1.2
+    assert "| dali-gpu pipeline over 1281 shards: build s, first batch s" in "\n".join(gpu_suite.figure_lines(figures))
 
 
 QUICK_STAGES = ["env", "data", "gpu-tests", "dali", "train-step", "train-main", "train-step-compiled"]
@@ -82,7 +89,8 @@ def test_the_quick_cpu_dry_run_passes_every_stage_and_exports_what_a_gpu_run_wou
     assert results["environment"]["commit"] == "abc1234" and results["suite"]["data"]["shards_kind"] == "toy"
     stages = {s["name"]: s for s in results["stages"]}
     assert stages["gpu-tests"]["figures"]["tests"] >= 10 and stages["gpu-tests"]["figures"]["failures"] == 0
-    assert {r["pipeline"] for r in stages["dali"]["figures"]["rows"]} >= {"dali-cpu", "dali-cpu-split"}
+    assert {r["pipeline"] for r in stages["dali"]["figures"]["rows"]} >= {"dali-cpu", "dali-cpu-split",
+                                                                          "pipeline-build dali-cpu"}
     assert {r["step"] for r in stages["train-step"]["figures"]["rows"]} == {"ours", "reference"}
     assert [r["compile"] for r in stages["train-step-compiled"]["figures"]["rows"]] == [True]
     tm = stages["train-main"]["figures"]
