@@ -89,3 +89,20 @@ def test_the_fused_decoder_probe_runs_once_per_process_at_the_real_batch_size(sh
         with pytest.warns(RuntimeWarning, match="failed a test run"):
             assert loader._resolve_decode(tars, idxs, 64) == "split"
     assert [(c["batch_size"], c["timeout"]) for c in calls] == [(96, 60.0), (32, 60.0)]
+
+
+def test_the_pipeline_definitions_and_the_probe_do_not_import_the_loaders():
+    """train.data -> train.decode_probe -> train.pipelines, never back: the probe's child process builds a
+    pipeline without loading the epoch/rank machinery, and no import circle hides behind a function-level
+    import."""
+    import subprocess
+    import sys
+
+    code = ("import sys, train.pipelines, train.decode_probe; "
+            "assert 'train.data' not in sys.modules, sorted(m for m in sys.modules if m.startswith('train'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=__import__("pathlib").Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from train import data, pipelines
+
+    assert data.build_train_pipeline is pipelines.build_train_pipeline  # one definition, two names

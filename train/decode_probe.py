@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     spec = json.loads(args[0])
-    from train.data import build_train_pipeline
+    from train.pipelines import build_train_pipeline  # DALI is imported in the child only
 
     pipe = build_train_pipeline(spec["tars"], spec["idxs"], batch_size=spec["batch_size"], res=spec["res"],
                                 device_id=spec["device_id"], num_threads=2, dtype=DTYPES[spec["dtype"]],
