@@ -27,6 +27,7 @@ def test_rn50_is_the_ffcv_recipe_and_epochs_is_a_parameter():
     assert cfg.optim.lr_per_256 * 4096 / 256 == pytest.approx(1.7)  # FFCV's peak at global batch 4096
     assert (cfg.schedule.res_min, cfg.schedule.res_max, cfg.val.res) == (160, 192, 256)
     assert cfg.model.blurpool and cfg.val.flip_tta and cfg.optim.label_smoothing == 0.1
+    assert cfg.checkpoint.async_save and not config.resolve("smoke").checkpoint.async_save  # 8 GPUs wait for no disk
 
 
 def test_overrides_are_cast_and_last():

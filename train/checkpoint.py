@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,56 @@ def save_atomic(obj: dict, path: Path) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def host_copy(obj):
+    """`obj` with every tensor replaced by a copy in host memory (containers rebuilt, other values shared): a
+    snapshot that the next optimizer step cannot change, for a write that runs while training goes on."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, host_copy(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
+
+
+class BackgroundWriter:
+    """Runs checkpoint writes one at a time in a thread, so that training goes on while a file is written.
+
+    `submit(work)` first waits for the write before it (at most one is pending: memory for one snapshot) and
+    returns that write's error message, or None; `wait()` does the same without starting another. `work`
+    returns an error message or None. A write in progress when the process is killed leaves the previous
+    file (writes are atomic), so a resume loses at most the steps since that file."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: str | None = None
+
+    def _run(self, work) -> None:
+        try:
+            self._error = work()
+        except BaseException as exc:  # reported by the next wait(), in the training thread
+            self._error = f"{type(exc).__name__}: {exc}"
+
+    def wait(self) -> str | None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return None
+        thread.join()
+        error, self._error = self._error, None
+        return error
+
+    def submit(self, work) -> str | None:
+        error = self.wait()
+        if error is None:
+            self._thread = threading.Thread(target=self._run, args=(work,), name="checkpoint-writer", daemon=False)
+            self._thread.start()
+        return error
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
 
 def copy_atomic(src: Path, dst: Path) -> None:

@@ -135,6 +135,10 @@ class CheckpointConfig:
     every_steps: int = _opt(0, "also save last.pt every N optimizer steps (0: off)", check=_NON_NEGATIVE)
     keep: int = _opt(2, "epoch-end checkpoints kept as checkpoints/epoch-NNN.pt besides last.pt and best.pt "
                      "(hard links: no extra disk until last.pt moves on; 0: none)", check=_NON_NEGATIVE)
+    async_save: bool = _opt(False, "rank 0 writes checkpoints in a background thread from a host copy of the "
+                            "state while training goes on (every rank waits for a synchronous write); a failed "
+                            "write stops the run at the next save. Costs one copy of model + optimizer state "
+                            "in host memory")
 
 
 @dataclass(frozen=True)
@@ -353,7 +357,8 @@ def dump_yaml(cfg: Config, header: str = "") -> str:
 RESUME_SAFE = frozenset({
     "data.num_threads", "data.decode", "data.verify", "data.prefetch_depth", "data.hw_decoder_load",
     "model.compile", "model.init", "val.batch_size", "val.every_epochs",
-    "checkpoint.every_minutes", "checkpoint.every_steps", "checkpoint.keep", "run.threads", "run.sync_every",
+    "checkpoint.every_minutes", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save",
+    "run.threads", "run.sync_every",
     "run.tensorboard", "run.deterministic", "run.resume", "run.memory_check", "run.dist_timeout_s",
     "run.tracker",
 })

@@ -170,6 +170,7 @@ class Training:
         self.last_path = self.run_dir / "checkpoints" / "last.pt"
         self.best_path = self.run_dir / "checkpoints" / "best.pt"
         self.lock = lifecycle.RunLock(self.run_dir)
+        self.writer = checkpoint.BackgroundWriter()  # rank 0's checkpoint writes with checkpoint.async_save
         self.began = time.monotonic()
         self.started = False  # whether this process got as far as recording the run as running
         self.tracker = None  # MLflow / W&B (run.tracker), rank 0
@@ -203,6 +204,7 @@ class Training:
         finally:
             if self.tracker is not None:
                 self.tracker.close("failed")  # after finish() or stop() this does nothing
+            self.writer.wait()  # a background checkpoint write in progress ends before the process does
             if getattr(self, "train_loader", None) is not None:
                 self.train_loader.close()  # a pipeline built ahead for an epoch that will not run
             self.lock.release()
@@ -518,11 +520,13 @@ class Training:
             self.best_top1 = record["top1"]
         self.epoch, self.step = epoch + 1, 0
         self.meter = engine.TrainMeter(self.device)
-        self.save(self.last_path)
-        if self.dist.is_main:
-            lifecycle.keep_epoch_checkpoint(self.last_path, epoch + 1, self.cfg.checkpoint.keep)
+        def links(keep=self.cfg.checkpoint.keep, last=self.last_path, best=self.best_path):
+            lifecycle.keep_epoch_checkpoint(last, epoch + 1, keep)
             if improved:
-                checkpoint.link_atomic(self.last_path, self.best_path)  # a hard link: no copy of the file
+                checkpoint.link_atomic(last, best)  # a hard link: no copy of the file
+
+        self.save(self.last_path, then=links)
+        if self.dist.is_main:
             self.log.append(record, self.global_step)
             if self.tracker is not None:
                 self.tracker.log_epoch(record)
@@ -550,6 +554,7 @@ class Training:
         return record
 
     def finish(self) -> int:
+        self.flush_saves()  # best.pt and the epoch links are in place before the final files are written
         if self.dist.is_main:
             final = self.ema.module if self.ema is not None else self.model
             path = self.run_dir / "model_final.pth"
@@ -601,6 +606,7 @@ class Training:
     def stop(self) -> int:
         if self.saved_at != (self.epoch, self.step):  # e.g. a signal during validation: last.pt is current
             self.save(self.last_path)
+        self.flush_saves()
         by = self.signals.name or "a signal to another rank"
         self.say(f"stopped by {by}: {self.last_saved}; run the same command to resume (exit {EXIT_RESUME})")
         self.record_state("stopped", reason=f"stopped by {by}")
@@ -612,11 +618,17 @@ class Training:
 
     # -- checkpoints -----------------------------------------------------------------------------------
 
-    def save(self, path: Path) -> None:
-        """Collective: every rank contributes its loader position and RNG; rank 0 writes the file."""
+    def save(self, path: Path, then=None) -> None:
+        """Collective: every rank contributes its loader position and RNG; rank 0 writes the file, then runs
+        `then` (what needs the file in place: epoch links, best.pt). With checkpoint.async_save, rank 0 takes a
+        host copy of the state and writes it in a background thread while training goes on; a failed write
+        stops the run at the next save, or at the end (`flush_saves`)."""
         mine = {"data": self.train_loader.state_dict(), "rng": checkpoint.capture_rng(self.device),
                 "meter": self.meter.state_dict()}
         ranks = distributed.all_gather_object(mine)
+        where = f"{path} (epoch {self.epoch + 1}, step {self.step})"
+        background = self.cfg.checkpoint.async_save
+        error = None
         if self.dist.is_main:
             state = {
                 "format": checkpoint.CHECKPOINT_FORMAT, "epoch": self.epoch, "step": self.step,
@@ -627,22 +639,39 @@ class Training:
                 "config": config.to_dict(self.cfg), "data_fingerprint": self.fingerprint,
                 "classes": self.manifest.get("classes"),  # so a copied best.pt names its classes
             }
-            try:
-                checkpoint.save_atomic(state, path)
-            except OSError as exc:  # disk full, quota, RLIMIT_FSIZE: save_atomic left the previous file as it was
-                error = (f"could not write {path} ({exc.strerror or exc}); the previous checkpoint is intact: "
-                         f"{self.last_saved}; free space on {path.parent} and run the same command to resume")
+            if background:
+                snapshot = checkpoint.host_copy(state)
+                error = self.writer.submit(lambda: self._write(snapshot, path, where, then))
             else:
-                error = None
-        else:
-            error = None
+                error = self._write(state, path, where, then)
         error = distributed.broadcast_object(error)  # also: nobody exits before the file is in place
         if error:
             raise SaveFailed(error)
-        self.last_saved = f"{path} (epoch {self.epoch + 1}, step {self.step})"
+        if not self.dist.is_main:
+            self.last_saved = where
         self.saved_at = (self.epoch, self.step)
         self.last_save_time = time.monotonic()
-        self.say(f"checkpoint: {self.last_saved}")
+        self.say(f"checkpoint: {where}" + (" (being written in the background)" if background else ""))
+
+    def _write(self, state: dict, path: Path, where: str, then) -> str | None:
+        """Rank 0: write one checkpoint; an error message, or None."""
+        try:
+            checkpoint.save_atomic(state, path)
+        except OSError as exc:  # disk full, quota, RLIMIT_FSIZE: save_atomic left the previous file as it was
+            return (f"could not write {path} ({exc.strerror or exc}); the previous checkpoint is intact: "
+                    f"{self.last_saved}; free space on {path.parent} and run the same command to resume")
+        self.last_saved = where
+        if then is not None:
+            then()
+        return None
+
+    def flush_saves(self) -> None:
+        """Collective: wait for rank 0's background write (checkpoint.async_save) and stop on its error."""
+        if not self.cfg.checkpoint.async_save:
+            return
+        error = distributed.broadcast_object(self.writer.wait() if self.dist.is_main else None)
+        if error:
+            raise SaveFailed(error)
 
     def say(self, message: str) -> None:
         """A line for the console and, once the run folder exists, RUN_DIR/log.txt (rank 0)."""
