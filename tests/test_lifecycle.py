@@ -268,3 +268,26 @@ def test_a_run_leaves_log_txt_summary_csv_and_an_end_of_run_block(few_class_shar
     assert rows[0][:5] == ["epoch", "train_loss", "eval_top1", "eval_top5", "lr"]
     assert [r[0] for r in rows[1:]] == ["1", "2"] and rows[1][2] == ""  # epoch 1 was not validated
     assert float(rows[2][2]) == pytest.approx(100 * metrics(out)[-1]["top1"]) and rows[2][3] == ""  # top-5: n/a
+
+
+def test_a_run_folder_on_a_too_small_disk_is_refused_before_the_first_step(tmp_path):
+    cfg = config.resolve("rn50")
+    need = preflight.run_disk_need(cfg, 1000)
+    params = 25_557_032  # torchvision's ResNet-50 with 1000 classes
+    # checkpoints of weights + momentum (4 bytes each); last.pt, a write's temp file, 2 epoch ends, an older best
+    assert need == {"checkpoints": params * 8 * 5, "final weights": params * 8}
+    assert preflight.disk_problem(tmp_path / "new" / "run", need, free=sum(need.values())) is None
+    line = preflight.disk_problem(tmp_path / "run", need, free=2**29)
+    assert line.startswith(f"pre-flight: the run folder {tmp_path / 'run'} is on a disk with 0.50 GiB free, but "
+                           f"this run writes up to 1.14 GiB more") and "--checkpoint.keep" in line
+    ema = preflight.run_disk_need(config.resolve("rn50", ["ema.enabled=true", "checkpoint.keep=0"]), 1000)
+    assert ema["checkpoints"] == params * 12 * 3
+    # a resumed run: what the folder holds counts as written; a hard link (best.pt) counts once
+    run = tmp_path / "resumed"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(bytes(10_000_000))
+    (run / "checkpoints" / "best.pt").hardlink_to(run / "checkpoints" / "last.pt")
+    (run / "log.txt").write_bytes(bytes(5_000_000))  # not a weights file: not counted
+    small = {"checkpoints": 25_000_000}
+    assert preflight.disk_problem(run, small, free=15_000_000) is None
+    assert preflight.disk_problem(run, small, free=14_999_999) is not None

@@ -316,7 +316,8 @@ class Training:
         return plan
 
     def check_before_building(self, plan: lifecycle.Plan) -> None:
-        """Pre-flight: memory for this preset on this device, and the shards against their manifest."""
+        """Pre-flight: memory for this preset on this device, disk for the run folder, and the shards against
+        their manifest."""
         cfg, dist = self.cfg, self.dist
         if cfg.run.memory_check:
             estimate = preflight.estimate_memory(cfg, self.num_classes, amp_dtype=self.amp_dtype,
@@ -326,6 +327,12 @@ class Training:
             problem = preflight.memory_problem(estimate, available, cfg, self.device.type)
             if problem:
                 raise ConfigError(problem)
+        problem = None
+        if dist.is_main:  # rank 0 writes the run folder
+            problem = preflight.disk_problem(self.run_dir, preflight.run_disk_need(cfg, self.num_classes))
+        problem = distributed.broadcast_object(problem)
+        if problem:
+            raise ConfigError(problem)
         if cfg.data.verify == "sha256":
             start = time.perf_counter()
             verified = preflight.read_verified(self.data_dir)

@@ -1,4 +1,5 @@
-"""Pre-flight checks that run before anything heavy: memory for the preset on this device, shard checksums.
+"""Pre-flight checks that run before anything heavy: memory for the preset on this device, disk for the run
+folder, shard checksums.
 
 Memory: a run that needs more than the machine has is killed by the kernel's OOM killer with no message
 (the default rn50 preset on a 24 GB CPU box reaches 24 GB in ~20 s), so the trainer estimates its peak per
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -142,6 +144,45 @@ def memory_problem(estimate: dict[str, int], available: tuple[int, str], cfg: Co
     return (f"pre-flight: batch {cfg.data.batch_size} at {max(cfg.schedule.res_min, cfg.schedule.res_max)} px "
             f"({cfg.model.arch}) needs about {need / GIB:.1f} GiB per process ({parts} GiB) but {where} is "
             f"{have / GIB:.1f} GiB; use {batch}{smoke}, or --run.memory_check=false if you know better")
+
+
+def run_disk_need(cfg: Config, num_classes: int) -> dict[str, int]:
+    """Bytes the run folder can come to hold at its largest, by part. A checkpoint is the weights, the SGD
+    momentum (and the EMA copy) at 4 bytes per parameter; at one moment there can be last.pt, the temporary
+    file of the write in progress, `checkpoint.keep` older epoch ends and an older best.pt (hard links where
+    the files are the same); at the end model_final.pth and model.safetensors hold the weights once more each."""
+    from train.model import build_model
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_model(cfg.model, num_classes).parameters())
+    checkpoint_bytes = params * 4 * (2 + (1 if cfg.ema.enabled else 0))
+    return {"checkpoints": checkpoint_bytes * (cfg.checkpoint.keep + 3), "final weights": params * 4 * 2}
+
+
+def disk_problem(run_dir: Path, need: dict[str, int], free: int | None = None) -> str | None:
+    """One line when the disk of `run_dir` cannot take what the run still writes (what the folder already
+    holds counts as written); None when it can. A run that meets a full disk stops at a save (exit 4) with
+    its last checkpoint intact, but possibly hours in: this says so before the first step."""
+    run_dir = Path(run_dir)
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    if free is None:
+        free = shutil.disk_usage(existing).free
+    seen, held = set(), 0
+    for path in run_dir.rglob("*") if run_dir.is_dir() else ():
+        if path.suffix in (".pt", ".pth", ".safetensors") and path.is_file():
+            stat = path.stat()
+            if (stat.st_dev, stat.st_ino) not in seen:
+                seen.add((stat.st_dev, stat.st_ino))
+                held += stat.st_size
+    more = sum(need.values()) - held
+    if more <= free:
+        return None
+    parts = ", ".join(f"{name} {value / GIB:.2f}" for name, value in need.items())
+    return (f"pre-flight: the run folder {run_dir} is on a disk with {free / GIB:.2f} GiB free, but this run writes "
+            f"up to {more / GIB:.2f} GiB more ({parts} GiB at most, less {held / GIB:.2f} GiB already there); free "
+            f"space, pick an --out on a larger disk, or keep fewer epoch ends (--checkpoint.keep)")
 
 
 VERIFIED_FILE = ".verified.json"  # in the shard folder: {tar path: [size, mtime_ns, sha256]} of shards checked
