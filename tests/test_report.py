@@ -390,6 +390,22 @@ def test_report_reuses_predictions_only_for_the_same_checkpoint_and_settings(bui
         assert got == value and before[key] != after[key], key
 
 
+def test_report_evaluates_again_when_the_data_at_the_same_path_changes(tiny_run, shards_dir, tmp_path, capsys):
+    """Shards made again at the same path (other settings, other images) are other data: predictions.csv of
+    the old shards must not be reported for them."""
+    data = tmp_path / "shards"
+    shutil.copytree(shards_dir, data)
+    argv = [str(tiny_run), "--data", str(data), "--output", str(tmp_path / "report"), *FAST]
+    assert report.main(argv) == 0 and report.main(argv) == 0
+    assert "read back: top-1" in capsys.readouterr().out
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["settings"]["quality"] = manifest["settings"].get("quality", 90) - 1  # as a re-run with --quality
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    assert report.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "evaluated: top-1" in printed and "read back" not in printed
+
+
 def test_report_evaluates_again_when_the_checkpoint_file_is_replaced(tiny_run, shards_dir, tmp_path, capsys):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime
+import hashlib
 import html
 import io
 import json
@@ -381,11 +382,27 @@ def default_checkpoint(run_dir: Path) -> Path:
     raise VizError(f"{run_dir}: no checkpoints/best.pt, model_final.pth or checkpoints/last.pt; pass --checkpoint")
 
 
+def data_contents(data_arg: str) -> str:
+    """A digest of what is at --data: its manifest.json (every shard's SHA-256 and the settings) for shards,
+    else every file's relative path, size and mtime. Shards made again at the same path, or images changed
+    in an ImageFolder, give another digest."""
+    root = Path(data_arg)
+    digest = hashlib.sha256()
+    if (root / "manifest.json").is_file():
+        digest.update((root / "manifest.json").read_bytes())
+    elif root.is_dir():
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def fingerprint(checkpoint: Path, data_arg: str, setup: Setup, data: ValData | None = None) -> dict:
     """What predictions.csv depends on: a saved file is reused only when all of it is equal."""
     stat = checkpoint.stat()
     return {"checkpoint": str(checkpoint.resolve()), "checkpoint_bytes": stat.st_size,
-            "checkpoint_mtime": stat.st_mtime, "data": str(Path(data_arg).resolve()), "weights": setup.loaded.weights,
+            "checkpoint_mtime": stat.st_mtime, "data": str(Path(data_arg).resolve()),
+            "data_contents": data_contents(data_arg), "weights": setup.loaded.weights,
             "blurpool": setup.loaded.blurpool,
             "label_map": list(data.label_map) if data is not None and data.label_map is not None else None}
 
