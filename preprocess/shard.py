@@ -39,7 +39,8 @@ re-run redoes the shards whose source items changed, and says which, even when t
 settings are the same; the fingerprints never enter the tars, so unchanged sources keep their bytes.
 
 Exit status: 0 done; 2 bad flag, unreadable source or --out, remote source that cannot be reached or
-read (one line on stderr naming it and the fix); 5 a worker process died (out of memory?): finished
+read (one line on stderr naming it and the fix); 4 the output could not be written (disk full, quota,
+permissions; one line with the free space): finished shards are kept; 5 a worker process died (out of memory?): finished
 shards are kept, re-run with fewer --workers; 75 (EX_TEMPFAIL, "resume me", as train.main) stopped
 by Ctrl-C or SIGTERM: finished shards are kept, re-run the same command to resume.
 """
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -80,6 +82,7 @@ WORK_DIR = ".work"  # pass-1 chunks of two-pass splits; deleted once the manifes
 # shards are written, so the disk peaks near (1 + 1/MIX_GROUPS) x the shards' size, not twice it.
 MIX_GROUPS = 16
 EXIT_ERROR = 2
+EXIT_WRITE_FAILED = 4  # the output could not be written (disk full, quota, permissions), as train.main's saves
 EXIT_WORKER_DIED = 5  # a worker process was lost (killed, out of memory), as train.main's lost rank
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on request, re-run the same command to resume (as train.main)
 
@@ -573,7 +576,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(
         prog="python -m preprocess.shard",
         epilog="Exit status: 0 done; 2 bad flag or input, or a remote source that cannot be reached or read (one "
-               "line on stderr with the fix); 5 a worker process died (out of memory?): finished shards are kept, "
+               "line on stderr with the fix); 4 the output could not be written (disk full, quota, permissions): "
+               "finished shards are kept; 5 a worker process died (out of memory?): finished shards are kept, "
                "re-run with fewer --workers; 75 stopped by Ctrl-C or SIGTERM: finished shards are kept, re-run "
                "the same command to resume (OUT/.work/ holds pass-1 data of a parquet train split, reused then "
                "deleted). A re-run also redoes the shards whose source files changed (size, mtime or ETag).",
@@ -625,6 +629,26 @@ def validate(args: argparse.Namespace) -> tuple[str, ...]:
     return splits
 
 
+def write_failure(exc: OSError, out: Path) -> str:
+    """One line for an OSError of the writing side: what failed, how much room is left, and what to do."""
+    where = exc.filename or out
+    existing = Path(out)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        free = f"{shutil.disk_usage(existing).free / 2**30:.2f} GiB free on its disk"
+    except OSError:
+        free = "free space unknown"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = "free space (ImageNet: sharding peaks at ~145 GB, see the README) or pick an --out on a larger disk"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "pick an --out you can write to"
+    else:
+        fix = "check the disk under --out"
+    return (f"could not write {where} ({exc.strerror or exc}; {free}); {fix}, then re-run the same command: "
+            f"finished shards are kept")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # SIGTERM (spot interruption, `kill`) stops the run like Ctrl-C: workers die with the group or are
@@ -643,6 +667,9 @@ def main(argv=None) -> int:
         print(f"preprocess.shard: error: {exc}; finished shards are kept: re-run the same command to resume, "
               f"with fewer --workers (now {args.workers}) if memory ran out", file=sys.stderr)
         return EXIT_WORKER_DIED
+    except OSError as exc:
+        print(f"preprocess.shard: error: {write_failure(exc, args.out)}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     except KeyboardInterrupt:
         print(f"preprocess.shard: interrupted; finished shards are kept: re-run the same command to resume "
               f"({args.out / WORK_DIR}/ holds pass-1 data of a parquet train split, reused then deleted)",

@@ -9,6 +9,7 @@ give the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -45,6 +46,18 @@ class ShardInfo:
     sha256: str
 
 
+@contextlib.contextmanager
+def _naming(path: Path):
+    """An OSError of a write to an open file names no file (a full disk: "[Errno 28] No space left on
+    device"); raised again with `path`, so that the one-line error can say which file failed."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+
+
 class ShardWriter:
     """Writes one shard to `<stem>.tar.tmp` / `<stem>.idx.tmp`; `close()` renames both into place.
 
@@ -71,17 +84,18 @@ class ShardWriter:
         self._keys.add(key)
         fields = {"jpg": jpeg, **encode_label(label)}
         entries = []
-        for ext in EXTENSIONS:
-            data = fields[ext]
-            name = f"{key}.{ext}"
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            info.uname = info.gname = ""
-            header_offset = self._tar.offset
-            self._tar.addfile(info, io.BytesIO(data))
-            entries.append(f"{ext} {header_offset + TAR_BLOCK} {len(data)} {name}")
+        with _naming(self._tmp_tar):
+            for ext in EXTENSIONS:
+                data = fields[ext]
+                name = f"{key}.{ext}"
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mtime = 0
+                info.mode = 0o644
+                info.uname = info.gname = ""
+                header_offset = self._tar.offset
+                self._tar.addfile(info, io.BytesIO(data))
+                entries.append(f"{ext} {header_offset + TAR_BLOCK} {len(data)} {name}")
         self._index_lines.append(" ".join(entries))
 
     def __len__(self) -> int:
@@ -91,22 +105,27 @@ class ShardWriter:
         if not self._index_lines:
             self.abort()
             raise ValueError(f"shard {self.tar_path} would be empty")
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        with _naming(self._tmp_tar):
+            self._tar.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
         tmp_idx = self.idx_path.with_suffix(".idx.tmp")
-        tmp_idx.write_text(f"{INDEX_VERSION} {len(self._index_lines)}\n" + "\n".join(self._index_lines) + "\n")
+        with _naming(tmp_idx):
+            tmp_idx.write_text(f"{INDEX_VERSION} {len(self._index_lines)}\n" + "\n".join(self._index_lines) + "\n")
         os.replace(tmp_idx, self.idx_path)
         os.replace(self._tmp_tar, self.tar_path)
         return ShardInfo(self.stem, len(self), self.tar_path.stat().st_size, file_sha256(self.tar_path))
 
     def abort(self) -> None:
-        try:
-            self._tar.close()
-        finally:
-            self._file.close()
-            self._tmp_tar.unlink(missing_ok=True)
+        """Drop the shard in progress. Called on an error, often a failed write: flushing what is buffered
+        may fail the same way, which must not hide the error that led here."""
+        for close in (self._tar.close, self._file.close):
+            try:
+                close()
+            except OSError:
+                pass
+        self._tmp_tar.unlink(missing_ok=True)
 
 
 def file_sha256(path: Path) -> str:

@@ -109,7 +109,32 @@ def test_interrupt_is_one_line_exit_75_and_resumes_to_identical_bytes(signum, so
     assert tree_bytes(out) == tree_bytes(reference)
 
 
+def test_a_full_disk_is_one_line_exit_4_and_a_rerun_resumes_to_identical_bytes(source, reference, tmp_path):
+    """A write that fails (here a file size limit below one shard, as a full disk or a quota would) stops the run
+    with one line naming the file, the free space and the fix; the re-run with room finishes the same shards."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as ENOSPC would
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
+
+    out = tmp_path / "out"
+    args = ["--src", source, "--out", out, *ARGS]
+    failed = subprocess.run([sys.executable, "-m", "preprocess.shard", "--no-progress", *map(str, args)], cwd=ROOT,
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+                            preexec_fn=limit)
+    assert failed.returncode == shard.EXIT_WRITE_FAILED == 4, failed.stderr
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert lines[0].startswith(f"preprocess.shard: error: could not write {out}/") and "GiB free on its disk" in lines[0]
+    assert "free space" in lines[0] and "re-run the same command" in lines[0]
+    assert not (out / "manifest.json").exists()
+    shard_cli(*args)
+    assert tree_bytes(out) == tree_bytes(reference)
+
+
 def test_help_documents_the_exit_status():
     text = subprocess.run([sys.executable, "-m", "preprocess.shard", "--help"], cwd=ROOT, capture_output=True,
                           text=True).stdout
     assert "75" in text and "Ctrl-C" in text and "re-run" in text
+    assert "4 the output could not be written" in " ".join(text.split())
