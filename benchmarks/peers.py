@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from benchmarks.dataloader import cpu_seconds, print_table
-from benchmarks.report import add_report_flags, append_result, cpu_description, report_path
+from benchmarks.report import add_report_flags, append_result, cpu_description, git_commit, report_path
 from preprocess.cli import ArgumentParser
 from preprocess.sources import IMAGE_SUFFIXES
 from train import data
@@ -351,7 +351,7 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: --photos {args.photos}: {total} images, fewer than one batch of {args.batch_size}; "
               "raise --repeat or lower --batch-size", file=sys.stderr)
         return 2
-    load_start = os.getloadavg()
+    load_start, commit = os.getloadavg(), git_commit()  # the code that runs: a long run may outlive HEAD
     skipped = {name: why for name in args.peers if (why := peer_missing(name))}
     for line in skipped.values():
         print(line, flush=True)
@@ -413,7 +413,7 @@ def main(argv=None) -> int:
                  f"{'/'.join(f'{x:.2f}' for x in load_end)} at the end. " + " ".join(skipped.values()) + " "
                  + args.notes).strip()
         command = f"{PROG} " + shlex.join(sys.argv[1:] if argv is None else argv)
-        path = append_result(SECTION, rows, command, cpu_description(), notes, path=target)
+        path = append_result(SECTION, rows, command, cpu_description(), notes, path=target, commit=commit)
         print(f"appended to {path}")
     return 0
 
