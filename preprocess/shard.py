@@ -630,8 +630,12 @@ def validate(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def write_failure(exc: OSError, out: Path) -> str:
-    """One line for an OSError of the writing side: what failed, how much room is left, and what to do."""
+    """One line for an OSError that reached the top: what failed, how much room is left, and what to do."""
     where = exc.filename or out
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    inside = Path(os.path.abspath(where)).is_relative_to(os.path.abspath(out))
+    if not full and not inside:  # e.g. a source file that vanished or cannot be read
+        return f"could not use {where} ({exc.strerror or exc}); check the source under --src, then re-run"
     existing = Path(out)
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -639,7 +643,7 @@ def write_failure(exc: OSError, out: Path) -> str:
         free = f"{shutil.disk_usage(existing).free / 2**30:.2f} GiB free on its disk"
     except OSError:
         free = "free space unknown"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if full:
         fix = "free space (ImageNet: sharding peaks at ~145 GB, see the README) or pick an --out on a larger disk"
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         fix = "pick an --out you can write to"

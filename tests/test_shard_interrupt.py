@@ -133,6 +133,18 @@ def test_a_full_disk_is_one_line_exit_4_and_a_rerun_resumes_to_identical_bytes(s
     assert tree_bytes(out) == tree_bytes(reference)
 
 
+def test_an_error_outside_the_output_is_not_called_a_write_failure(tmp_path):
+    import errno
+
+    out = tmp_path / "out"
+    source = shard.write_failure(OSError(errno.ENOENT, "No such file or directory", "/data/src/x.parquet"), out)
+    assert source == ("could not use /data/src/x.parquet (No such file or directory); check the source under "
+                      "--src, then re-run")
+    denied = shard.write_failure(OSError(errno.EACCES, "Permission denied", str(out / "train" / "a.tar.tmp")), out)
+    assert denied.startswith(f"could not write {out}/train/a.tar.tmp (Permission denied; ")
+    assert "pick an --out you can write to" in denied and "145 GB" not in denied
+
+
 def test_help_documents_the_exit_status():
     text = subprocess.run([sys.executable, "-m", "preprocess.shard", "--help"], cwd=ROOT, capture_output=True,
                           text=True).stdout
