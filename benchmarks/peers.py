@@ -25,6 +25,26 @@ flat folder of <class>_<name>.JPEG files like ../shared/data/imagenet-samples; -
 times under distinct names. The listing is linked (symlinks, not copies) into --cache, sharded there for ours
 and torchvision and written there as a .beton for FFCV; both are reused by later runs on the same photos.
 A peer that cannot be imported is skipped with one line that says how to install it.
+
+--writers: the shard writers instead of the loaders (issue 20 item 1, the writer half). Each writer writes the
+same linked photos from scratch, --threads worker processes each, --rounds interleaved rounds (the order rotates by
+one writer every round), the output deleted after each write:
+- ours-auto / ours-always: `preprocess.shard.run` of the linked ImageFolder (train split) at --max-side 500
+  --quality 90 and --reencode auto (its default: source JPEGs that are baseline, <= 500 px and no finer than q90
+  are kept byte for byte) or always (every image decoded and re-encoded at q90);
+- ffcv-jpg: FFCV's `DatasetWriter` with `RGBImageField(write_mode='jpg', max_resolution=500, jpeg_quality=90)`
+  (its ImageNet size and quality; every image decoded by PIL, as torchvision's ImageFolder gives it, resized with
+  OpenCV INTER_AREA when larger and re-encoded at q90: comparable with ours-always); ffcv-proportion: the
+  write mode of FFCV's own ImageNet recipe (a random half of the images re-encoded, the other half stored as
+  raw pixels: faster to write and decode, far larger); ffcv-raw: RGBImageField's default write mode (every
+  image as raw pixels).
+The time of a write is its whole wall time after the writer's module is imported: for ours (run in a child
+process that imports only preprocess.shard, as its command does) the listing of the source, the encoding, the
+tars, their SHA-256 checksums and the manifest, and with more than one worker the start of the (spawned) worker
+processes; for FFCV (in this process) its forked worker processes and the .beton, its progress bar off.
+Images/s per worker is the images written over that time over --threads; "output KB/image" is every byte the
+writer left (ours: tars, their .idx/.json and the manifest; FFCV: the .beton, whose pages are allocated in 8 MB
+steps per worker), "image KB/image" the stored images alone (the tars' .jpg members; the .beton's allocations).
 """
 
 from __future__ import annotations
@@ -32,10 +52,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
+import resource
 import shlex
+import shutil
 import statistics
 import sys
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +80,9 @@ PEERS = ("ours", "ffcv", "torchvision")
 MAX_SIDE = 500  # px, longer side: FFCV's ImageNet max_resolution and preprocess.shard's default --max-side
 QUALITY = 90  # JPEG quality: FFCV's ImageNet jpeg_quality and preprocess.shard's default --quality
 FFCV_INSTALL = "apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev && pip install ffcv"
+WRITERS = ("ours-auto", "ours-always", "ffcv-jpg", "ffcv-proportion", "ffcv-raw")
+DEFAULT_WRITERS = WRITERS[:4]
+REFERENCE_WRITER = "ffcv-jpg"  # the ratios' denominator: FFCV's writer at its ImageNet size and quality
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imagenet-rn50" / "peers"
 
 
@@ -139,16 +166,22 @@ class _RGBPhotos:
 
 def write_beton(entries: list[tuple[Path, int]], out: Path, write_mode: str, workers: int) -> Path:
     """The .beton of the same entries with FFCV's ImageNet writer settings, once (written beside, then renamed)."""
-    from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
     if not out.is_file():
         partial = out.with_name(out.name + ".partial")
-        fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=MAX_SIDE, jpeg_quality=QUALITY),
-                  "label": IntField()}
-        DatasetWriter(str(partial), fields, num_workers=workers).from_indexed_dataset(_RGBPhotos(entries))
+        writer = DatasetWriter(str(partial), ffcv_fields(write_mode), num_workers=workers)
+        writer.from_indexed_dataset(_RGBPhotos(entries))
         os.replace(partial, out)
     return out
+
+
+def ffcv_fields(write_mode: str) -> dict:
+    """FFCV's ImageNet fields: the image at max_resolution 500 px and jpeg_quality 90, the label."""
+    from ffcv.fields import IntField, RGBImageField
+
+    return {"image": RGBImageField(write_mode=write_mode, max_resolution=MAX_SIDE, jpeg_quality=QUALITY),
+            "label": IntField()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -280,6 +313,226 @@ def summarise(results: dict, threads: int, res: int, photos: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# The writers (--writers): each writes the same photos from scratch, timed as a whole.
+
+# Ours runs in a child process that imports only preprocess.shard, as `python -m preprocess.shard` does: its
+# worker processes are spawned and import the main module, which here (benchmarks.peers: torch, DALI) would
+# cost them seconds that the real command does not pay. The child times shard.run itself, so neither side
+# counts the interpreter's start or its imports; FFCV (whose import takes ~10 s) writes from this process.
+_OURS_CHILD = """
+import json, resource, sys, time
+from pathlib import Path
+from preprocess import shard
+
+spec = json.loads(sys.argv[1])
+cpu = lambda: sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                     resource.getrusage(resource.RUSAGE_CHILDREN)))
+settings = shard.EncodeSettings(max_side=spec["max_side"], quality=spec["quality"], reencode=spec["reencode"])
+cpu0, t0 = cpu(), time.perf_counter()
+manifest = shard.run(spec["src"], Path(spec["out"]), fmt="imagefolder", splits=("train",), settings=settings,
+                     images_per_shard=spec["images_per_shard"], workers=spec["workers"], progress=False)
+seconds = time.perf_counter() - t0
+print(json.dumps({"images": manifest["splits"]["train"]["images"], "seconds": seconds, "cpu": cpu() - cpu0}))
+"""
+
+
+def writer_job(name: str, folder: Path, entries: list[tuple[Path, int]], out: Path, workers: int,
+               images_per_shard: int) -> Callable[[], dict]:
+    """A call that writes the photos with writer `name` into `out` (a folder for ours, a .beton for FFCV) and
+    returns the images written, the wall seconds of the write and the CPU seconds it took (children included)."""
+    peer, mode = name.split("-", 1)
+    if peer == "ours":
+        spec = json.dumps({"src": str(folder), "out": str(out), "reencode": mode, "max_side": MAX_SIDE,
+                           "quality": QUALITY, "images_per_shard": images_per_shard, "workers": workers})
+
+        def write() -> dict:
+            import subprocess
+
+            from benchmarks.report import REPO
+
+            done = subprocess.run([sys.executable, "-c", _OURS_CHILD, spec], cwd=REPO, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{name}: preprocess.shard exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+            return json.loads(done.stdout.strip().splitlines()[-1])
+        return write
+
+    def write_ffcv() -> dict:
+        import functools
+
+        import ffcv.writer
+
+        if not isinstance(ffcv.writer.tqdm, functools.partial):  # its progress bar, off
+            ffcv.writer.tqdm = functools.partial(ffcv.writer.tqdm, disable=True)
+        cpu0, t0 = _cpu_total(), time.perf_counter()
+        ffcv.writer.DatasetWriter(str(out), ffcv_fields(mode), num_workers=workers).from_indexed_dataset(
+            _RGBPhotos(entries))
+        seconds = time.perf_counter() - t0
+        _reap_children()
+        return {"images": len(entries), "seconds": seconds, "cpu": _cpu_total() - cpu0}
+    return write_ffcv
+
+
+def _cpu_total() -> float:
+    """CPU seconds of this process and of its children that have been waited for."""
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def _reap_children(timeout: float = 30.0) -> None:
+    """Wait for FFCV's writer processes to end (it never joins them), so that their CPU time counts."""
+    deadline = time.monotonic() + timeout
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def output_bytes(out: Path) -> int:
+    """Every byte the writer left: the file, or all the files under the folder."""
+    if out.is_file():
+        return out.stat().st_size
+    return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+
+
+def image_bytes(out: Path) -> int:
+    """The stored images alone: the .jpg members of our tars, or the allocations of FFCV's .beton (its only
+    variable-size field is the image)."""
+    if out.is_file():
+        from ffcv.reader import Reader
+
+        return int(Reader(str(out)).alloc_table["size"].sum())
+    total = 0
+    for tar in sorted(out.rglob("*.tar")):
+        with tarfile.open(tar) as archive:
+            total += sum(m.size for m in archive.getmembers() if m.name.endswith(".jpg"))
+    return total
+
+
+def remove(out: Path) -> None:
+    if out.is_dir():
+        shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
+
+
+def time_write(write: Callable[[], dict], out: Path) -> dict:
+    """Images, wall seconds, CPU cores busy and bytes of one write of `out` from scratch; `out` is removed
+    after it has been measured."""
+    remove(out)
+    timed = write()
+    result = {"images": timed["images"], "seconds": timed["seconds"], "cores busy": timed["cpu"] / timed["seconds"],
+              "bytes": output_bytes(out), "image bytes": image_bytes(out)}
+    remove(out)
+    return result
+
+
+def measure_writers(jobs: dict[str, Callable[[], int]], outs: dict[str, Path], workers: int, rounds: int) -> dict:
+    """{writer: [time_write(...) per round]}; round r starts with the r-th writer, so that no writer always
+    runs first (or right after the same one)."""
+    names = list(jobs)
+    results = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            timed = time_write(jobs[name], outs[name])
+            results[name].append(timed)
+            progress(f"  round {r + 1}/{rounds} {name:<15} workers {workers}: "
+                     f"{timed['images'] / timed['seconds'] / workers:,.1f} img/s per worker ({timed['images']:,} "
+                     f"images, {timed['seconds']:.1f} s, {timed['cores busy']:.2f} cores busy, "
+                     f"{timed['bytes'] / timed['images'] / 1000:.1f} KB/image)")
+    return results
+
+
+def summarise_writers(results: dict, workers: int, photos: str) -> list[dict]:
+    """One row per writer: median/min/max images/s per worker over the rounds, output bytes per image, and the
+    ratios of the medians it / ffcv-jpg (rate and bytes)."""
+    rates = {name: [t["images"] / t["seconds"] / workers for t in rs] for name, rs in results.items()}
+    per_image = {name: statistics.median(t["bytes"] / t["images"] for t in rs) for name, rs in results.items()}
+    reference = REFERENCE_WRITER if REFERENCE_WRITER in results else None
+    rows = []
+    for name, rs in results.items():
+        median = statistics.median(rates[name])
+        rows.append({
+            "photos": photos, "workers": workers, "writer": name, "rounds": len(rs), "images": rs[-1]["images"],
+            "median img/s per worker": round(median, 1), "min img/s per worker": round(min(rates[name]), 1),
+            "max img/s per worker": round(max(rates[name]), 1),
+            "cores busy": round(statistics.median(t["cores busy"] for t in rs), 2),
+            "output KB/image": round(per_image[name] / 1000, 2),
+            "image KB/image": round(statistics.median(t["image bytes"] / t["images"] for t in rs) / 1000, 2),
+            "rate / ffcv-jpg": "-" if reference is None or name == reference
+            else round(median / statistics.median(rates[reference]), 2),
+            "bytes / ffcv-jpg": "-" if reference is None or name == reference
+            else round(per_image[name] / per_image[reference], 2)})
+    return rows
+
+
+def main_writers(args: argparse.Namespace, photos: list[tuple[str, Path]], argv) -> int:
+    """--writers: the shard writers side by side (see the module's docstring)."""
+    load_start, commit = os.getloadavg(), git_commit()
+    writers = list(dict.fromkeys(args.writers or DEFAULT_WRITERS))
+    skipped = {}
+    if any(name.startswith("ffcv") for name in writers):
+        why = peer_missing("ffcv")
+        if why is not None:
+            skipped["ffcv"] = why
+            print(why, flush=True)
+    run_writers = [name for name in writers if name.split("-", 1)[0] not in skipped]
+
+    total = len(photos) * args.repeat
+    folder = cache_dir(args.cache, args.photos, photos, args.repeat)
+    entries = link_photos(photos, args.repeat, folder / "photos")
+    for path in {path.resolve() for path, _ in entries}:  # the sources in the page cache, untimed
+        path.read_bytes()
+    work = folder / "writers"
+    work.mkdir(parents=True, exist_ok=True)
+    label = f"{args.photos.resolve().name} x{args.repeat}" if args.repeat > 1 else args.photos.resolve().name
+    progress(f"writers: {total:,} images ({len(photos):,} photos x {args.repeat}), max side {MAX_SIDE} px, "
+             f"q{QUALITY}, written under {work}")
+    rows = []
+    try:
+        for workers in args.threads:
+            outs = {name: work / (f"{name}-w{workers}" + (".beton" if name.startswith("ffcv") else ""))
+                    for name in run_writers}
+            jobs = {name: writer_job(name, folder / "photos", entries, outs[name], workers,
+                                     args.images_per_shard) for name in run_writers}
+            progress(f"workers {workers}:")
+            results = measure_writers(jobs, outs, workers, args.rounds)
+            for row in summarise_writers(results, workers, label):
+                rows.append(row)
+                if args.json:
+                    rounds = results[row["writer"]]
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps({**row, "round img/s per worker": [
+                            round(t["images"] / t["seconds"] / workers, 1) for t in rounds],
+                            "round seconds": [round(t["seconds"], 2) for t in rounds],
+                            "output bytes": rounds[-1]["bytes"], "image bytes": rounds[-1]["image bytes"]}) + "\n")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    load_end = os.getloadavg()
+
+    print_table(rows)
+    for workers in args.threads:
+        ratios = [f"{r['writer']}/{REFERENCE_WRITER} {r['rate / ffcv-jpg']}x images/s per worker, "
+                  f"{r['bytes / ffcv-jpg']}x bytes" for r in rows
+                  if r["workers"] == workers and r["writer"] != REFERENCE_WRITER and r["rate / ffcv-jpg"] != "-"]
+        print(f"workers {workers}: " + ("; ".join(ratios) or f"no ratios ({REFERENCE_WRITER} did not run)"))
+    target = report_path(args.report, args.no_report)
+    if target is not None:
+        notes = (f"Writers. Photos: {args.photos} ({len(photos):,} photos x {args.repeat} = {total:,} images), every "
+                 f"writer from scratch, {args.rounds} interleaved rounds (the order rotated each round). ours-auto/"
+                 f"ours-always: preprocess.shard.run of the linked ImageFolder, --max-side {MAX_SIDE} --quality "
+                 f"{QUALITY} --images-per-shard {args.images_per_shard} --reencode auto/always, timed whole (listing, "
+                 f"encoding, tars, SHA-256 checksums, manifest); ffcv-<mode>: DatasetWriter + RGBImageField("
+                 f"write_mode=<mode>, max_resolution={MAX_SIDE}, jpeg_quality={QUALITY}) from PIL RGB images, timed "
+                 f"whole. Ratios are of the medians, it / {REFERENCE_WRITER}; ours-always re-encodes every image as "
+                 f"ffcv-jpg does. {versions()}. Load average (1/5/15 min) "
+                 f"{'/'.join(f'{x:.2f}' for x in load_start)} at the start, "
+                 f"{'/'.join(f'{x:.2f}' for x in load_end)} at the end. " + " ".join(skipped.values()) + " "
+                 + args.notes).strip()
+        command = f"{PROG} " + shlex.join(sys.argv[1:] if argv is None else argv)
+        path = append_result(SECTION, rows, command, cpu_description(), notes, path=target, commit=commit)
+        print(f"appended to {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
 # The command.
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -307,6 +560,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="RGBImageField write_mode of the .beton: jpg stores every image as a q90 JPEG, like our "
                         "shards; FFCV's own ImageNet recipe uses proportion (half the images stored as raw pixels, "
                         "which decode faster and take ~5x the space) (default jpg)")
+    p.add_argument("--writers", nargs="*", choices=WRITERS, default=None, metavar="WRITER",
+                   help="compare the shard writers instead of the loaders: images/s per worker and output bytes per "
+                        f"image of each WRITER ({', '.join(WRITERS)}; given alone: {' '.join(DEFAULT_WRITERS)}), "
+                        "--threads worker processes each, ratios to ffcv-jpg; --res, --epochs, --batch-size, --peers, "
+                        "--reencode and --ffcv-write-mode are for the loaders only")
+    p.add_argument("--images-per-shard", type=int, default=1000,
+                   help="--writers: preprocess.shard --images-per-shard of ours (default 1000, its default; the work "
+                        "is shared out by shard, so with few images and 2 workers a smaller value balances them)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                    help=f"where the linked photos, shards and .beton are kept for later runs (default {DEFAULT_CACHE})")
     p.add_argument("--json", type=Path, default=None,
@@ -314,7 +575,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_report_flags(p)
     p.add_argument("--notes", default="", help="free text stored with the --report entry")
     args = p.parse_args(argv)
-    for name in ("repeat", "rounds", "epochs", "batch_size"):
+    for name in ("repeat", "rounds", "epochs", "batch_size", "images_per_shard"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if min(args.threads) < 1:
@@ -324,6 +585,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if "ours" not in args.peers:
         p.error("--peers: include ours (the ratios are ours / each peer)")
     args.peers = list(dict.fromkeys(args.peers))
+    if args.writers and not any(name.startswith("ours") for name in args.writers):
+        p.error("--writers: include ours-auto or ours-always (the comparison is ours against FFCV's)")
     return args
 
 
@@ -346,6 +609,8 @@ def main(argv=None) -> int:
     except PhotosError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    if args.writers is not None:
+        return main_writers(args, photos, argv)
     total = len(photos) * args.repeat
     if total // args.batch_size < 1:
         print(f"{PROG}: error: --photos {args.photos}: {total} images, fewer than one batch of {args.batch_size}; "

@@ -1,6 +1,6 @@
 """benchmarks.peers on photo-like JPEG class folders the test writes: ours and torchvision run, give rates and a
-ratio, and hand out the same kind of batches; a peer that is not installed is skipped with one line; bad
---photos is one line and exit 2."""
+ratio, and hand out the same kind of batches; with --writers our shard writer writes them and gives a rate and
+bytes per image; a peer that is not installed is skipped with one line; bad --photos is one line and exit 2."""
 
 from __future__ import annotations
 
@@ -91,6 +91,55 @@ def _ffcv_importable() -> bool:
     return peers.peer_missing("ffcv") is None
 
 
+def test_writers_ours_writes_gives_a_rate_and_bytes_and_a_missing_ffcv_is_one_line(photos, tmp_path, capsys,
+                                                                                  monkeypatch):
+    monkeypatch.delenv(report.ENV_PATH, raising=False)
+    rows_file, target, cache = tmp_path / "rows.jsonl", tmp_path / "B.md", tmp_path / "cache"
+    argv = ["--photos", str(photos), "--writers", "--threads", "1", "--rounds", "2", "--cache", str(cache),
+            "--json", str(rows_file), "--report", str(target)]
+    assert peers.main(argv) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+
+    rows = {row["writer"]: row for row in map(json.loads, rows_file.read_text().splitlines())}
+    if not _ffcv_importable():  # the test venv has no FFCV: one line for both of its writers, ours runs alone
+        skip = [line for line in out.splitlines() if "skipped" in line]
+        assert len(skip) == 1 and skip[0].startswith("ffcv: skipped") and "pip install ffcv" in skip[0]
+        assert set(rows) == {"ours-auto", "ours-always"}
+        assert re.search(r"^workers 1: no ratios \(ffcv-jpg did not run\)$", out, re.M)
+    else:
+        assert set(rows) == set(peers.DEFAULT_WRITERS)
+        assert rows["ours-auto"]["rate / ffcv-jpg"] > 0 and rows["ours-auto"]["bytes / ffcv-jpg"] > 0
+        assert rows["ffcv-jpg"]["image KB/image"] > 0
+    assert re.search(r"round 2/2 ours-auto\s+workers 1: [\d,.]+ img/s per worker", captured.err)
+    for name in ("ours-auto", "ours-always"):
+        row = rows[name]
+        assert row["images"] == CLASSES * PER_CLASS and row["rounds"] == 2 and len(row["round img/s per worker"]) == 2
+        assert 0 < row["min img/s per worker"] <= row["median img/s per worker"] <= row["max img/s per worker"]
+        # The q95 test photos are re-encoded at q90 by both modes: the same bytes; tars, .idx, .json and the
+        # manifest come on top of the JPEGs.
+        assert 0 < row["image KB/image"] < row["output KB/image"]
+        assert row["image bytes"] < row["output bytes"]
+    assert rows["ours-auto"]["image bytes"] == rows["ours-always"]["image bytes"]
+    assert not (peers.cache_dir(cache, photos, peers.find_photos(photos), 1) / "writers").exists()  # cleaned up
+
+    section = target.read_text().split(f"## {peers.SECTION}", 1)[1]
+    assert "--writers" in section and "| photos | workers | writer |" in section
+    assert "--max-side 500 --quality 90 --images-per-shard 1000" in section and "jpeg_quality=90" in section
+
+
+def test_writers_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    assert peers.main(["--photos", str(tmp_path / "none"), "--writers", "--cache", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m benchmarks.peers: error: --photos")
+    assert "no such folder" in err[0]
+    assert not (tmp_path / "cache").exists()
+    for argv in (["--writers", "ffcv-jpg"], ["--writers", "ours-fast"], ["--writers", "--images-per-shard", "0"]):
+        with pytest.raises(SystemExit) as exit_:
+            peers.parse_args(["--photos", "x", *argv])
+        assert exit_.value.code == 2
+
+
 def test_the_repeated_photos_are_linked_under_distinct_names_and_reused(photos, tmp_path):
     listing = peers.find_photos(photos)
     assert len(listing) == CLASSES * PER_CLASS and listing[0][0] == "n00000000"
@@ -140,7 +189,7 @@ def test_help_explains_the_flags_and_bad_flags_are_refused(capsys):
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for flag in ("--photos", "--repeat", "--threads", "--res", "--rounds", "--epochs", "--peers", "--reencode",
-                 "--ffcv-write-mode", "--cache", "--json", "--report"):
+                 "--ffcv-write-mode", "--writers", "--images-per-shard", "--cache", "--json", "--report"):
         assert flag in text
     assert "without it the result is only printed and no file is written" in text
     for argv in (["--photos", "x", "--repeat", "0"], ["--photos", "x", "--threads", "0"],
