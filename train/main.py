@@ -647,8 +647,10 @@ class Training:
                 "classes": self.manifest.get("classes"),  # so a copied best.pt names its classes
             }
             if background:
-                snapshot = checkpoint.host_copy(state)
-                error = self.writer.submit(lambda: self._write(snapshot, path, where, then))
+                error = self.writer.wait()  # the previous write first: one host copy of the state at a time
+                if error is None:
+                    snapshot = checkpoint.host_copy(state)
+                    self.writer.submit(lambda: self._write(snapshot, path, where, then))
             else:
                 error = self._write(state, path, where, then)
         error = distributed.broadcast_object(error)  # also: nobody exits before the file is in place
