@@ -522,14 +522,21 @@ def main_writers(args: argparse.Namespace, photos: list[tuple[str, Path]], argv)
                  f"encoding, tars, SHA-256 checksums, manifest); ffcv-<mode>: DatasetWriter + RGBImageField("
                  f"write_mode=<mode>, max_resolution={MAX_SIDE}, jpeg_quality={QUALITY}) from PIL RGB images, timed "
                  f"whole. Ratios are of the medians, it / {REFERENCE_WRITER}; ours-always re-encodes every image as "
-                 f"ffcv-jpg does. {versions()}. Load average (1/5/15 min) "
-                 f"{'/'.join(f'{x:.2f}' for x in load_start)} at the start, "
-                 f"{'/'.join(f'{x:.2f}' for x in load_end)} at the end. " + " ".join(skipped.values()) + " "
-                 + args.notes).strip()
-        command = f"{PROG} " + shlex.join(sys.argv[1:] if argv is None else argv)
-        path = append_result(SECTION, rows, command, cpu_description(), notes, path=target, commit=commit)
-        print(f"appended to {path}")
+                 f"ffcv-jpg does.")
+        record(target, argv, args, rows, notes, load_start, load_end, skipped, commit)
     return 0
+
+
+def record(target: Path, argv, args: argparse.Namespace, rows: list[dict], notes: str, load_start, load_end,
+           skipped: dict, commit: str) -> None:
+    """Append the run to --report's file: `notes`, then the versions, the load over the run, the skipped
+    peers and --notes."""
+    load = "/".join(f"{x:.2f}" for x in load_start), "/".join(f"{x:.2f}" for x in load_end)
+    notes = (f"{notes} {versions()}. Load average (1/5/15 min) {load[0]} at the start, {load[1]} at the end. "
+             + " ".join(skipped.values()) + " " + args.notes).strip()
+    command = f"{PROG} " + shlex.join(sys.argv[1:] if argv is None else argv)
+    path = append_result(SECTION, rows, command, cpu_description(), notes, path=target, commit=commit)
+    print(f"appended to {path}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -673,13 +680,8 @@ def main(argv=None) -> int:
                  f"torchvision read shards of preprocess.shard --max-side {MAX_SIDE} --quality {QUALITY} --reencode "
                  f"{args.reencode}; ffcv a .beton of RGBImageField(write_mode={args.ffcv_write_mode!r}, "
                  f"max_resolution={MAX_SIDE}, jpeg_quality={QUALITY}). Batch {args.batch_size}, {args.epochs} "
-                 f"epoch(s) per loader per round after a warm-up epoch. {versions()}. Load average (1/5/15 min) "
-                 f"{'/'.join(f'{x:.2f}' for x in load_start)} at the start, "
-                 f"{'/'.join(f'{x:.2f}' for x in load_end)} at the end. " + " ".join(skipped.values()) + " "
-                 + args.notes).strip()
-        command = f"{PROG} " + shlex.join(sys.argv[1:] if argv is None else argv)
-        path = append_result(SECTION, rows, command, cpu_description(), notes, path=target, commit=commit)
-        print(f"appended to {path}")
+                 f"epoch(s) per loader per round after a warm-up epoch.")
+        record(target, argv, args, rows, notes, load_start, load_end, skipped, commit)
     return 0
 
 
