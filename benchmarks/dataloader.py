@@ -263,11 +263,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         # What one trainer process gets: the host's cores shared by its GPUs, at most 8 (DALI threads per GPU).
         args.threads = min(8, max(1, cores // max(1, torch.cuda.device_count()))) if args.device == "gpu" else cores
     for load in args.hw_decoder_load:
-        if load != data.HW_DECODER_LOAD_AUTO and not 0 <= load <= 1:
-            p.error(f"--hw-decoder-load {load:g}: must be in [0, 1], or {data.HW_DECODER_LOAD_AUTO:g} for the trainer's choice")
+        try:  # the loader's own check of its tuning values, now rather than from inside a pipeline
+            data._check_loader_tuning(args.prefetch_depth, load)
+        except ValueError as exc:
+            p.error(f"--prefetch-depth/--hw-decoder-load: {exc}")
     if args.build_shards < 0:
         p.error(f"--build-shards {args.build_shards}: must be 0 (off) or more")
-    for name in ("batch_size", "threads", "warmup", "images", "max_side", "prefetch_depth"):
+    for name in ("batch_size", "threads", "warmup", "images", "max_side"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be positive")
     if min(args.res) < 8:

@@ -73,7 +73,7 @@ from preprocess.pool import WorkerDied, Workers
 from preprocess.remote import RemoteError, redact
 from preprocess.sources import (SampleRef, SourceError, classes_json, describe, open_source, public_url, read_bytes,
                                 refs_digest, row_group_images)
-from preprocess.writer import ShardWriter, file_sha256, shard_name
+from preprocess.writer import ShardWriter, file_sha256, free_bytes, shard_name
 
 SPLITS = ("train", "val", "test")
 SHUFFLED_SPLITS = ("train",)
@@ -636,11 +636,8 @@ def write_failure(exc: OSError, out: Path) -> str:
     inside = Path(os.path.abspath(where)).is_relative_to(os.path.abspath(out))
     if not full and not inside:  # e.g. a source file that vanished or cannot be read
         return f"could not use {where} ({exc.strerror or exc}); check the source under --src, then re-run"
-    existing = Path(out)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
     try:
-        free = f"{shutil.disk_usage(existing).free / 2**30:.2f} GiB free on its disk"
+        free = f"{free_bytes(out) / 2**30:.2f} GiB free on its disk"
     except OSError:
         free = "free space unknown"
     if full:

@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import struct
 import tarfile
 from dataclasses import dataclass
@@ -126,6 +127,14 @@ class ShardWriter:
             except OSError:
                 pass
         self._tmp_tar.unlink(missing_ok=True)
+
+
+def free_bytes(path) -> int:
+    """Free bytes on the disk that holds `path`, or would hold it (its nearest existing parent folder)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 def file_sha256(path: Path) -> str:

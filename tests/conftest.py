@@ -70,11 +70,10 @@ def one_torch_thread():
 
 def pytest_report_header(config) -> str:
     """The free disk where the tests write (their tmp folders): a full disk shows up as unrelated failures."""
-    import shutil
     import tempfile
 
+    from preprocess.writer import free_bytes
+
     root = Path(config.option.basetemp or tempfile.gettempdir())
-    while not root.exists():
-        root = root.parent
-    free_gib = shutil.disk_usage(root).free / 2**30
+    free_gib = free_bytes(root) / 2**30
     return f"disk: {free_gib:.1f} GiB free under {root} (the suite's tmp folders peak at a few GiB)"

@@ -15,15 +15,15 @@ process first and refuses in one line with the fix. The estimate:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from preprocess.manifest import split_shards
-from preprocess.writer import file_sha256  # the checksum preprocess.shard wrote into the manifest
+from preprocess.writer import file_sha256, free_bytes  # file_sha256: the checksum in the manifest
 from train import checkpoint
 from train.config import Config
 from train.data import manifest_max_side
@@ -67,13 +67,20 @@ def activation_bytes_per_image(cfg_model, num_classes: int, res: int) -> int:
     return sum(saved.values()) // 2
 
 
-def estimate_memory(cfg: Config, num_classes: int, *, amp_dtype: torch.dtype | None, max_side: int,
-                    sample_bytes: int = 110_000, shuffle_buffer: int = 4096) -> dict[str, int]:
-    """Peak bytes per process by part: states, activations, input pipeline, base."""
+@functools.lru_cache(maxsize=16)
+def parameter_count(model_cfg, num_classes: int) -> int:
+    """Parameters of the configured model, built on the meta device (no memory, no compute); memory and disk
+    pre-flight both ask, once per process."""
     from train.model import build_model
 
     with torch.device("meta"):
-        params = sum(p.numel() for p in build_model(cfg.model, num_classes).parameters())
+        return sum(p.numel() for p in build_model(model_cfg, num_classes).parameters())
+
+
+def estimate_memory(cfg: Config, num_classes: int, *, amp_dtype: torch.dtype | None, max_side: int,
+                    sample_bytes: int = 110_000, shuffle_buffer: int = 4096) -> dict[str, int]:
+    """Peak bytes per process by part: states, activations, input pipeline, base."""
+    params = parameter_count(cfg.model, num_classes)
     copies = 3 + (1 if cfg.ema.enabled else 0)  # weights, gradients, momentum (+ EMA)
     res = max(cfg.schedule.res_min, cfg.schedule.res_max)
     activations = activation_bytes_per_image(cfg.model, num_classes, res) * cfg.data.batch_size * ACTIVATION_PEAK
@@ -151,10 +158,7 @@ def run_disk_need(cfg: Config, num_classes: int) -> dict[str, int]:
     momentum (and the EMA copy) at 4 bytes per parameter; at one moment there can be last.pt, the temporary
     file of the write in progress, `checkpoint.keep` older epoch ends and an older best.pt (hard links where
     the files are the same); at the end model_final.pth and model.safetensors hold the weights once more each."""
-    from train.model import build_model
-
-    with torch.device("meta"):
-        params = sum(p.numel() for p in build_model(cfg.model, num_classes).parameters())
+    params = parameter_count(cfg.model, num_classes)
     checkpoint_bytes = params * 4 * (2 + (1 if cfg.ema.enabled else 0))
     return {"checkpoints": checkpoint_bytes * (cfg.checkpoint.keep + 3), "final weights": params * 4 * 2}
 
@@ -164,11 +168,8 @@ def disk_problem(run_dir: Path, need: dict[str, int], free: int | None = None) -
     holds counts as written); None when it can. A run that meets a full disk stops at a save (exit 4) with
     its last checkpoint intact, but possibly hours in: this says so before the first step."""
     run_dir = Path(run_dir)
-    existing = run_dir
-    while not existing.exists():
-        existing = existing.parent
     if free is None:
-        free = shutil.disk_usage(existing).free
+        free = free_bytes(run_dir)
     seen, held = set(), 0
     for path in run_dir.rglob("*") if run_dir.is_dir() else ():
         if path.suffix in (".pt", ".pth", ".safetensors") and path.is_file():
