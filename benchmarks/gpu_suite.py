@@ -26,6 +26,10 @@ with a time budget, each run even when an earlier one failed:
                        then 0), with a metrics line per epoch, top-1 on each epoch the preset validates
                        (val.every_epochs and the last), run.json "finished" and model.safetensors written
   train-step-compiled  our step under torch.compile at 224 px first (the headline goal), then 160/192 px
+  train-main-compiled  `python -m train.main --model.compile=true` for 2 epochs at one resolution (the preset's
+                       first, 160 px: one graph, which the step stage may have left in the compile cache); must
+                       finish (exit 0) with the same checks as train-main; its steady images/s set beside the
+                       eager run's epoch 1 at the same resolution: the figure that decides the preset's default
   viz-eval             (full profile) viz's evaluation pass + 20 Grad-CAM rows on 5,000 photo-like val images
                        (benchmarks.viz_eval; issue 11's goal: 50,000 images + 20 rows in under a minute)
   proxy                (full profile) `python -m benchmarks.proxy` on the real Imagenette shards, if present:
@@ -99,6 +103,15 @@ class Sizes:
     train_args: list  # train.main overrides
     step_args: list  # train_step extras (both stages)
     compile_args: list  # train_step --compile extras
+    compiled_train_res: int  # the one resolution of the compiled train.main run
+
+
+def compiled_train_args(sizes: Sizes) -> list:
+    """train.main overrides of the compiled run: the eager run's, compiled, at one resolution (one graph)."""
+    fixed = ("--schedule.res_min", "--schedule.res_max", "--model.compile")
+    r = sizes.compiled_train_res
+    return ([a for a in sizes.train_args if not a.startswith(fixed)]
+            + [f"--schedule.res_min={r}", f"--schedule.res_max={r}", "--model.compile=true"])
 
 
 def sizes_for(device: str, profile: str) -> Sizes:
@@ -106,23 +119,22 @@ def sizes_for(device: str, profile: str) -> Sizes:
     if device == "cuda":
         # quick: 500 s of stages, what the third device call has left after unpacking the wheels
         # (600 s per command); not yet checked on a GPU
-        budgets = {"data": 35, "gpu-tests": 70, "dali": 115, "train-step": 35, "train-main": 110,
-                   "train-step-compiled": 135, "proxy": 0}
+        budgets = {"data": 35, "gpu-tests": 60, "dali": 100, "train-step": 35, "train-main": 100,
+                   "train-step-compiled": 110, "train-main-compiled": 60, "proxy": 0}
         if full:
             budgets = {"data": 60, "gpu-tests": 120, "dali": 200, "train-step": 90, "train-main": 300,
-                       "train-step-compiled": 400, "viz-eval": 120, "proxy": 3600}
+                       "train-step-compiled": 400, "train-main-compiled": 300, "viz-eval": 120, "proxy": 3600}
         return Sizes(deadline_s=500 if not full else 5400, budgets=budgets, photos=256 if not full else 1024,
                      photo_side=500, res=[160, 192] + ([224] if full else []), dali_threads=[4, 6] + ([8] if full else []),
                      baseline_workers=6, dali_seconds=5 if not full else 15, hw_decoder_loads=[0.65, 0.99],
                      build_shards=1281, batch=256, step_res=[160, 192, 224],
                      compiled_res=[224, 160, 192], steps=15 if not full else 40,
                      toy={"classes": 10, "per_class": 100, "val_per_class": 20, "size": 160},
-                     train_args=["--config", "rn50", "--data.batch_size=256", "--val.batch_size=256",
-                                 f"--model.compile={'true' if full else 'false'}"],
-                     step_args=["--batch-size", "256"], compile_args=["--warmup", "5"])
+                     train_args=["--config", "rn50", "--data.batch_size=256", "--val.batch_size=256"],
+                     step_args=["--batch-size", "256"], compile_args=["--warmup", "5"], compiled_train_res=160)
     # CPU dry run: the same stages and code paths at toy sizes (its figures mean nothing), ~3 minutes on 2 cores.
     budgets = {"data": 120, "gpu-tests": 120, "dali": 120, "train-step": 120, "train-main": 240,
-               "train-step-compiled": 240, "viz-eval": 180, "proxy": 600}
+               "train-step-compiled": 240, "train-main-compiled": 240, "viz-eval": 180, "proxy": 600}
     return Sizes(deadline_s=1200 if not full else 3600, budgets=budgets, photos=32, photo_side=500, res=[64, 96],
                  dali_threads=[2], baseline_workers=2, dali_seconds=1, hw_decoder_loads=[], build_shards=64, batch=16,
                  step_res=[64], compiled_res=[64],
@@ -130,7 +142,8 @@ def sizes_for(device: str, profile: str) -> Sizes:
                  train_args=["--config", "smoke", "--model.arch=resnet18", "--data.batch_size=16",
                              "--data.num_threads=1", "--val.batch_size=35", "--schedule.res_min=32",
                              "--schedule.res_max=64", "--val.res=64", "--run.device=cpu"],
-                 step_args=["--batch-size", "4", "--arch", "resnet18"], compile_args=["--warmup", "1"])
+                 step_args=["--batch-size", "4", "--arch", "resnet18"], compile_args=["--warmup", "1"],
+                 compiled_train_res=64)
 
 
 @dataclass
@@ -452,6 +465,28 @@ class Suite:
             f"SIGTERM -> exit 75 at epoch {stopped.get('epoch')} step {stopped.get('step')} of "
             f"{figures.get('steps_per_epoch')} -> resumed -> exit 0 on {self.data['shards_kind']} shards")
 
+    def stage_train_main_compiled(self, result: StageResult) -> None:
+        """One fresh compiled run to the end: the compiled trainer works (graph breaks, recompiles and the
+        eager validation between epochs included) and how fast its steady steps go."""
+        run_dir = self.out / "train-main-compiled" / "run"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [self.python, "-m", "train.main", "--data", str(self.data["shards"]), "--out", str(run_dir),
+               *compiled_train_args(self.sizes), "--schedule.epochs=2", "--run.tensorboard=false",
+               "--checkpoint.every_minutes=0"]
+        self.run_commands(result, [cmd])
+        figures = {"shards": self.data["shards_kind"], "command": " ".join(cmd[1:]), "run_exit": 0 if result.status == "ok" else None}
+        figures.update(train_main_figures((self.out / result.log).read_text(errors="replace"), run_dir))
+        result.figures = figures
+        if result.status != "ok":
+            return
+        problems = run_problems(figures)
+        result.status = "failed" if problems else "ok"
+        rates = [e.get("images_per_s") for e in figures["epochs"]]
+        result.detail = "; ".join(problems) or (
+            f"compiled, {len(rates)} epochs at {self.sizes.compiled_train_res} px on {self.data['shards_kind']} shards: "
+            f"{', '.join(map(str, rates))} img/s steady -> exit 0")
+
     def stage_proxy(self, result: StageResult) -> None:
         if importlib.util.find_spec("benchmarks.proxy") is None:
             result.status, result.detail = "skipped", "benchmarks/proxy.py is not in this checkout yet"
@@ -484,7 +519,8 @@ class Suite:
         plan = [("env", self.stage_env), ("data", self.stage_data), ("gpu-tests", self.stage_gpu_tests),
                 ("dali", self.stage_dali), ("train-step", lambda r: self.stage_train_step(r, compiled=False)),
                 ("train-main", self.stage_train_main),
-                ("train-step-compiled", lambda r: self.stage_train_step(r, compiled=True))]
+                ("train-step-compiled", lambda r: self.stage_train_step(r, compiled=True)),
+                ("train-main-compiled", self.stage_train_main_compiled)]
         if self.profile == "full":
             plan += [("viz-eval", self.stage_viz_eval), ("proxy", self.stage_proxy)]
         plan = [(name, body) for name, body in plan if not only or name in only or name in ("env", "data")]
@@ -548,6 +584,12 @@ def train_main_problems(figures: dict, rc2: int) -> list[str]:
     stopped = figures.get("stopped_at")
     if stopped is None or stopped["epoch"] != 2:
         problems.append(f"run 1 did not say it stopped in epoch 2 (saw {stopped})")
+    return problems + run_problems(figures)
+
+
+def run_problems(figures: dict) -> list[str]:
+    """What is wrong with the run folder of a train.main run that should have finished (empty: nothing)."""
+    problems = []
     metrics, expected = figures["epochs"], figures.get("config_epochs")
     if expected is None:
         problems.append("no config.yaml in the run folder")
@@ -612,6 +654,15 @@ def collect_figures(stages: dict, gpu_name: str) -> dict:
                              "epochs": [{k: e.get(k) for k in ("epoch", "resolution", "images_per_s", "pipeline_wait_s",
                                                                "eval_seconds", "decode", "top1")}
                                         for e in tm.get("epochs", [])]}
+    if "train-main-compiled" in stages:
+        tc = stages["train-main-compiled"].figures
+        out["train_main_compiled"] = {"epochs": [{k: e.get(k) for k in ("epoch", "resolution", "images_per_s", "seconds",
+                                                                       "top1")} for e in tc.get("epochs", [])]}
+        eager = {e["resolution"]: e["images_per_s"] for e in out["train_main"].get("epochs", [])[:1]}
+        for e in out["train_main_compiled"]["epochs"][:1]:
+            if eager.get(e["resolution"]) and e.get("images_per_s"):
+                out["ratios"][f"train.main compiled / eager, epoch 1 at {e['resolution']} px"] = round(
+                    e["images_per_s"] / eager[e["resolution"]], 2)
     out["goals"] = goals(ours, ref, dali_rows, out["train_main"], gpu_name)
     return out
 
@@ -665,6 +716,9 @@ def figure_lines(f: dict) -> list[str]:
                      if isinstance(e.get("top1"), (int, float)) else "not validated")
         lines.append(f"| train.main epoch {e['epoch']} ({e['resolution']} px, {e['decode']}) | {e['images_per_s']} img/s, "
                      f"pipeline wait {e['pipeline_wait_s']} s, {evaluated} |")
+    for e in f.get("train_main_compiled", {}).get("epochs", []):
+        lines.append(f"| train.main compiled epoch {e['epoch']} ({e['resolution']} px) | {e['images_per_s']} img/s "
+                     f"steady, epoch {e['seconds']} s with the compile |")
     return lines
 
 
@@ -764,8 +818,9 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-STAGE_NAMES = ("gpu-tests", "dali", "train-step", "train-main", "train-step-compiled", "viz-eval", "proxy")
-STAGE_INPUTS = {"dali": "photos", "train-main": "shards", "proxy": "shards"}  # what each reads of the data stage
+STAGE_NAMES = ("gpu-tests", "dali", "train-step", "train-main", "train-step-compiled", "train-main-compiled",
+               "viz-eval", "proxy")
+STAGE_INPUTS = {"dali": "photos", "train-main": "shards", "train-main-compiled": "shards", "proxy": "shards"}  # what each reads of the data stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -774,7 +829,8 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--out", "--output", dest="out", type=Path, required=True, help="folder for every result, table and log (created)")
     p.add_argument("--profile", choices=["quick", "full"], default="quick",
-                   help="quick: <= 8 min on one H100/H200; full: more sizes, compiled training, viz-eval, the proxy")
+                   help="quick: <= 8 min on one H100/H200; full: more sizes and steps, viz-eval, the proxy "
+                        "(longer than one 10-minute device command: for a cloud GPU)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when torch sees one")
     p.add_argument("--real-shards", type=Path, default=None, help="shard folder of real photos (default: unpack "
                                                                   ".carry/data-pNN if present, else toy shards)")

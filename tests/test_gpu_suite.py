@@ -8,6 +8,7 @@ goals are judged from the stages' rows."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import tarfile
 
@@ -74,7 +75,8 @@ def test_goals_are_judged_from_the_rows():
     assert "| dali-gpu pipeline over 1281 shards: build s, first batch s" in "\n".join(gpu_suite.figure_lines(figures))
 
 
-QUICK_STAGES = ["env", "data", "gpu-tests", "dali", "train-step", "train-main", "train-step-compiled"]
+QUICK_STAGES = ["env", "data", "gpu-tests", "dali", "train-step", "train-main", "train-step-compiled",
+                "train-main-compiled"]
 
 
 def test_the_quick_cpu_dry_run_passes_every_stage_and_exports_what_a_gpu_run_would(tmp_path):
@@ -99,6 +101,14 @@ def test_the_quick_cpu_dry_run_passes_every_stage_and_exports_what_a_gpu_run_wou
     assert tm["validated_epochs"] == [2] and ["top1" in e for e in tm["epochs"]] == [False, True]
     assert tm["run_state"] == "finished" and {"model.safetensors", "config.json"} <= set(tm["model_files"])
     assert "| train-main | ok |" in (out / "summary.md").read_text()
+    # the compiled run: one resolution (one graph), run to the end, the same run-folder checks
+    tc = stages["train-main-compiled"]["figures"]
+    assert "--model.compile=true" in tc["command"] and tc["run_state"] == "finished"
+    assert [e["epoch"] for e in tc["epochs"]] == [1, 2] and {e["resolution"] for e in tc["epochs"]} == {64}
+    assert all(e["images_per_s"] > 0 for e in tc["epochs"]) and "top1" in tc["epochs"][1]
+    compiled_rows = results["figures"]["train_main_compiled"]["epochs"]
+    assert [e["epoch"] for e in compiled_rows] == [1, 2]
+    assert "| train.main compiled epoch 2 (64 px) |" in (out / "summary.md").read_text()
     assert "commit `abc1234`" in (out / "BENCHMARKS.md").read_text()
     assert sorted(p.name for p in export.iterdir()) == ["BENCHMARKS.md", "gpu-suite.tar.gz", "results.json",
                                                         "summary.md"]
@@ -234,3 +244,46 @@ def test_the_documented_device_call_starts_with_the_install_line_device_wheels_p
     suite_args = calls[0][len(printed):].split("python3 -m benchmarks.gpu_suite ", 1)[1].split()
     assert {"--export", "$OUT", "--deadline-s"} <= set(suite_args)
     assert '[".carry/whl-p02", ".carry/data-p00"]' in section  # the data rides with the last wheel part
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_the_compiled_train_main_run_is_the_eager_one_compiled_at_one_resolution(device):
+    sizes = gpu_suite.sizes_for(device, "quick")
+    args = gpu_suite.compiled_train_args(sizes)
+    res = sizes.compiled_train_res
+    assert args[-3:] == [f"--schedule.res_min={res}", f"--schedule.res_max={res}", "--model.compile=true"]
+    assert [a for a in args if a.startswith(("--schedule.res", "--model.compile"))] == args[-3:]
+    kept = [a for a in sizes.train_args if not a.startswith(("--schedule.res", "--model.compile"))]
+    assert args[:-3] == kept  # everything else as the eager run: the two runs differ only in compile
+    assert "--model.compile=true" not in sizes.train_args  # the eager run trains as the preset does
+    if device == "cuda":
+        assert res in sizes.compiled_res  # the step stage compiles this resolution first (compile cache)
+
+
+def test_compiled_over_eager_is_reported_only_at_the_same_resolution():
+    def stage(name, epochs):
+        return gpu_suite.StageResult(name, figures={"epochs": epochs})
+
+    eager = [{"epoch": 1, "resolution": 160, "images_per_s": 4000.0}, {"epoch": 2, "resolution": 192, "images_per_s": 3000.0}]
+    compiled = [{"epoch": 1, "resolution": 160, "images_per_s": 5000.0, "seconds": 80.0},
+                {"epoch": 2, "resolution": 160, "images_per_s": 5200.0, "seconds": 9.0, "top1": 0.1}]
+    figures = gpu_suite.collect_figures({"train-main": stage("train-main", eager),
+                                         "train-main-compiled": stage("train-main-compiled", compiled)}, "NVIDIA H200")
+    assert figures["ratios"] == {"train.main compiled / eager, epoch 1 at 160 px": 1.25}
+    assert [e["images_per_s"] for e in figures["train_main_compiled"]["epochs"]] == [5000.0, 5200.0]
+    assert "| train.main compiled epoch 1 (160 px) | 5000.0 img/s steady, epoch 80.0 s with the compile |" in \
+        gpu_suite.figure_lines(figures)
+    compiled[0]["resolution"] = 64  # another resolution: no ratio
+    figures = gpu_suite.collect_figures({"train-main": stage("train-main", eager),
+                                         "train-main-compiled": stage("train-main-compiled", compiled)}, "NVIDIA H200")
+    assert figures["ratios"] == {}
+
+
+def test_the_documented_quick_budgets_are_the_codes():
+    text = (gpu_suite.REPO / "docs" / "BENCHMARKS.md").read_text()
+    line = re.search(r"Budget: the quick profile plans (\d+) s of stages \(([^)]*)\)", " ".join(text.split()))
+    assert line, "docs/BENCHMARKS.md lost its 'Budget: the quick profile plans ...' line"
+    documented = {name: int(sec) for name, sec in re.findall(r"([a-z][a-z-]*) (\d+)", line.group(2))}
+    budgets = {k: v for k, v in gpu_suite.sizes_for("cuda", "quick").budgets.items() if v}
+    assert documented == budgets
+    assert int(line.group(1)) == sum(budgets.values()) == gpu_suite.sizes_for("cuda", "quick").deadline_s
