@@ -99,6 +99,12 @@ def _decoder_args(device_id, max_side: int | None = None, hw_decoder_load: float
     return {"device": "mixed", "hw_decoder_load": load, **nvjpeg_paddings(max_side)}
 
 
+def random_crop_args(min_area: float) -> dict:
+    """The training crop's distribution (area min_area..1 of the image, aspect ASPECT_RANGE), as the arguments of
+    decoders.image_random_crop and random_resized_crop; benchmarks.loader_profile builds its stages with it."""
+    return {"random_area": [min_area, 1.0], "random_aspect_ratio": list(ASPECT_RANGE), "num_attempts": 10}
+
+
 def _normalize(fn, images, dtype, **kwargs):
     return fn.crop_mirror_normalize(images, dtype=dtype, output_layout="HWC",
                                     mean=[255 * m for m in MEAN], std=[255 * s for s in STD], **kwargs)
@@ -136,7 +142,7 @@ def build_train_pipeline(tars, idxs, *, batch_size: int, res: int, world_size: i
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                     enable_checkpointing=True, checkpoint=checkpoint, exec_dynamic=True,
                     prefetch_queue_depth=prefetch_depth)
-    crop = {"random_area": [min_area, 1.0], "random_aspect_ratio": list(ASPECT_RANGE), "num_attempts": 10}
+    crop = random_crop_args(min_area)
     with pipe:
         jpegs, labels = _read_webdataset(fn, types, tars, idxs, world_size=world_size, rank=rank,
                                          shuffle_buffer=shuffle_buffer)
