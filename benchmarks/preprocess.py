@@ -11,7 +11,12 @@ Two measurements on the same images:
    images were kept unchanged, how fast the output decodes (one pass, PIL), which every training
    epoch pays again, and, over the resized images, the PSNR of the output against the ideal
    (full-size decode, one Lanczos pass, no JPEG encoding), mean, minimum and the largest drop of
-   one image against `before`: what DCT-domain scaling may cost.
+   one image against `before`: what DCT-domain scaling may cost. Issue 20's candidates (CANDIDATES: `issue9`,
+   `auto` as it was before issue 20, and variants of it with another decoder, resizer or JPEG encoder) are
+   measured the same way; the last five columns compare every variant with `issue9` (or `auto` when
+   `issue9` is not measured): CPU-time ratio, output bytes, and the PSNR against the source (output
+   decoded vs the ideal for resized images, vs the source decoded for the others; over the images that
+   the baseline re-encodes, an image passed through counting 99 dB), mean and worst image.
 2. `preprocess.shard.run` end to end (read, encode, write tars) for each `--workers` count, with
    `--reencode` as given.
 
@@ -45,11 +50,119 @@ VARIANTS = {  # name -> keyword arguments of encode.reencode besides max_side an
     "auto": {"mode": "auto"},
     "keep": {"mode": "keep"},
     "always": {"mode": "always"},
-    # Not measured by default: DCT scaling down to the target size itself (faster on 2-4x downscales,
-    # but it loses fidelity there; see the PSNR columns).
+    # Not measured by default: libjpeg-turbo's M/8 scaled decode leaving another gap for Lanczos than
+    # encode.DRAFT_GAP (1.6): smaller is faster on 2-4x downscales and loses fidelity (see the PSNR columns).
     "auto-draft1": {"mode": "auto", "draft_gap": 1},
+    "auto-gap1.25": {"mode": "auto", "draft_gap": 1.25},
+    "auto-gap1.75": {"mode": "auto", "draft_gap": 1.75},
+    "auto-gap2": {"mode": "auto", "draft_gap": 2},
+}
+# Issue 20 item 3's candidates: another decoder, resizer or JPEG encoder than encode.reencode's, with `auto`'s
+# pass-through (see candidate()). `issue9` is `auto` as it was from issue 9 to issue 20: Pillow's decode, at
+# 1/2, 1/4 or 1/8 scale (draft) for >= 4x downscales only; the others change one step of it.
+CANDIDATES = {
+    "issue9": {},
+    "issue9-draft1.5": {"draft_gap": 1.5},  # draft() leaving 1.5x: 1/2 scale for >= 3x
+    "simplejpeg-decode": {"decoder": "simplejpeg"},
+    "simplejpeg-encode": {"encoder": "simplejpeg"},
+    "pil-ycbcr": {"decoder": "pil-ycbcr"},  # no colour conversion: decode, resize, encode in YCbCr
+    "pil-reduce": {"reducing_gap": 1.0},  # Pillow's reduce() by 2 for >= 2x downscales before Lanczos
+    "pil-bicubic": {"resizer": "bicubic"},
+    "cv2-area": {"resizer": "area"},  # OpenCV's INTER_AREA, as FFCV's writer
+    "cv2-prefilter": {"resizer": "prefilter"},  # OpenCV: Lanczos-3 kernel at full size, then cubic sampling
+    "cv2-all": {"decoder": "cv2", "resizer": "area", "encoder": "cv2"},  # FFCV's writer's steps
 }
 DEFAULT_VARIANTS = ["before", "auto", "keep", "always"]
+
+
+def candidate(data: bytes, *, max_side: int, quality: int, decoder: str = "pil", resizer: str = "lanczos",
+              encoder: str = "pil", draft_gap: float = 2, reducing_gap: float = 3.0) -> encode.EncodeResult:
+    """`auto` as from issue 9 to issue 20 (Pillow's decode, draft() leaving `draft_gap`, Lanczos, Pillow's
+    encoder), or with another decoder, resizer or JPEG encoder, for RGB and grayscale JPEGs (anything
+    else goes to encode.reencode itself): what issue 20's candidates would give."""
+    import cv2
+
+    cv2.setNumThreads(1)  # one worker = one core, as in preprocess.shard
+    image = Image.open(io.BytesIO(data))
+    if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+        return encode.reencode(data, max_side=max_side, quality=quality)
+    source = image.size
+    size = encode.fit_within(*source, max_side)
+    keepable = size == source and encode._keepable(image, data)
+    if keepable and encode._no_finer_than(image, quality):
+        image.draft(None, (1, 1))
+        image.load()
+        return encode.EncodeResult(data, *source, ["passthrough"])
+    gray = image.mode == "L"
+    want = (int(size[0] * draft_gap), int(size[1] * draft_gap)) if size != source else (0, 0)
+    if decoder == "pil-ycbcr" and not gray:  # no colour conversion: decode, resize and encode YCbCr
+        drafted = image.draft("YCbCr", want if size != source else source)
+        if size != source:
+            image = image.resize(size, Image.Resampling.LANCZOS, box=drafted[1] if drafted else None,
+                                 reducing_gap=reducing_gap)
+        out = io.BytesIO()
+        image.save(out, format="JPEG", quality=quality, subsampling="4:2:0", optimize=False)
+        if keepable and out.tell() >= len(data):
+            return encode.EncodeResult(data, *source, ["passthrough"])
+        return encode.EncodeResult(out.getvalue(), size[0], size[1], ["resized"] if size != source else [])
+    if decoder in ("pil", "pil-ycbcr"):
+        drafted = image.draft(None, want) if size != source else None
+        image.load()
+        pixels = np.asarray(image)
+    elif decoder == "simplejpeg":
+        import simplejpeg
+
+        # libjpeg-turbo also scales by 3/8, 5/8, ... (slow, and unlike Pillow's draft): ask for 1/2, 1/4, 1/8 only
+        scale = max([s for s in (1, 2, 4, 8) if -(-source[0] // s) >= want[0] and -(-source[1] // s) >= want[1]]
+                    if size != source else [], default=1)
+        pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if gray else "RGB",
+                                        min_width=-(-source[0] // scale), min_height=-(-source[1] // scale))
+        if gray:
+            pixels = pixels[:, :, 0]
+    else:  # cv2: scaled decodes come as IMREAD_REDUCED_*; full size here, as FFCV does
+        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR_RGB)
+    if size != source:
+        h, w = pixels.shape[:2]
+        eighths = round(8 * w / source[0])  # DCT scaling by M/8: decoded width = ceil(source width * M / 8)
+        box = (0, 0, source[0] * eighths / 8, source[1] * eighths / 8) if eighths < 8 else None
+        if resizer == "area":
+            pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+        elif resizer == "prefilter":  # Lanczos-3 stretched to the scale, then cubic sampling of the band-limited image
+            pixels = cv2.resize(cv2.sepFilter2D(pixels, -1, _lanczos_taps(w / size[0]), _lanczos_taps(h / size[1]),
+                                                borderType=cv2.BORDER_REFLECT_101), size, interpolation=cv2.INTER_CUBIC)
+        else:
+            im = Image.fromarray(pixels)
+            if resizer == "bicubic":
+                im = im.resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=reducing_gap)
+            else:
+                im = im.resize(size, Image.Resampling.LANCZOS, box=box, reducing_gap=reducing_gap)
+            pixels = np.asarray(im)
+    if gray:
+        pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+    if encoder == "pil":
+        out, result = io.BytesIO(), Image.fromarray(pixels)
+        if "comment" in image.info:  # as encode.reencode: Pillow's encoder writes the source's comment again
+            result.info["comment"] = image.info["comment"]
+        result.save(out, format="JPEG", quality=quality, subsampling="4:2:0", optimize=False)
+        jpeg = out.getvalue()
+    elif encoder == "simplejpeg":
+        import simplejpeg
+
+        jpeg = simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality, colorsubsampling="420")
+    else:
+        jpeg = cv2.imencode(".jpg", pixels[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality,
+                                                         cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                                                         cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420])[1].tobytes()
+    if keepable and len(jpeg) >= len(data):
+        return encode.EncodeResult(data, *source, ["passthrough"])
+    return encode.EncodeResult(jpeg, size[0], size[1], ["resized"] if size != source else [])
+
+
+def _lanczos_taps(scale: float) -> np.ndarray:
+    """Pillow's Lanczos-3 kernel stretched by `scale` (> 1), at integer offsets, summing to 1."""
+    x = np.arange(-int(np.ceil(3 * scale)), int(np.ceil(3 * scale)) + 1, dtype=np.float64)
+    taps = np.where(np.abs(x) < 3 * scale, np.sinc(x / scale) * np.sinc(x / (3 * scale)), 0.0)
+    return (taps / taps.sum()).astype(np.float32)
 
 
 def link_tree(src: Path, out: Path, limit: int | None = None, repeat: int = 1) -> Path:
@@ -91,7 +204,9 @@ def compare_encoders(images: list[bytes], variants: list[str], max_side: int, qu
             results = []
             for data in images:
                 try:
-                    results.append(encode.reencode(data, max_side=max_side, quality=quality, **VARIANTS[v]))
+                    results.append(encode.reencode(data, max_side=max_side, quality=quality, **VARIANTS[v])
+                                   if v in VARIANTS else candidate(data, max_side=max_side, quality=quality,
+                                                                   **CANDIDATES[v]))
                 except encode.UndecodableImage:
                     results.append(None)
             wall[v] = min(wall[v], time.perf_counter() - start)
@@ -101,6 +216,15 @@ def compare_encoders(images: list[bytes], variants: list[str], max_side: int, qu
     references: dict[bytes, np.ndarray] = {}
     fidelity = {v: {i: _psnr(r.jpeg, _reference(images[i], (r.width, r.height), references))
                     for i, r in enumerate(outputs[v]) if r is not None and "resized" in r.fixes} for v in variants}
+    # Against the source: the output decoded vs the ideal (resized images) or the source decoded (the
+    # others), over the images that `auto` (today's default) re-encodes; an image passed through scores 99.
+    base = next((v for v in ("issue9", "auto") if v in variants), variants[0])
+    redone = [i for i, r in enumerate(outputs[base]) if r is not None and "passthrough" not in r.fixes]
+    against_source = {v: {i: (99.0 if "passthrough" in outputs[v][i].fixes else
+                              _psnr(outputs[v][i].jpeg, _reference(images[i], (outputs[v][i].width,
+                                                                               outputs[v][i].height), references)))
+                          for i in redone if outputs[v][i] is not None} for v in variants}
+    base_bytes = sum(len(r.jpeg) for r in outputs[base] if r is not None)
     rows = []
     for v in variants:
         psnr = list(fidelity[v].values())
@@ -125,16 +249,27 @@ def compare_encoders(images: list[bytes], variants: list[str], max_side: int, qu
             "resized PSNR dB mean": round(float(np.mean(psnr)), 2) if psnr else "",
             "resized PSNR dB min": round(float(np.min(psnr)), 2) if psnr else "",
             "worst dB vs before": round(worst, 2) if worst != "" else "",
+            f"x {base} (CPU)": round(cpu[base] / cpu[v], 2),
+            f"bytes / {base}": round(out_bytes / base_bytes, 4),
+            f"PSNR dB mean ({base} re-encoded)": (round(float(np.mean(list(against_source[v].values()))), 3)
+                                                  if against_source[v] else ""),
+            f"mean dB vs {base}": (round(float(np.mean([p - against_source[base][i]
+                                                        for i, p in against_source[v].items()])), 3)
+                                   if against_source[v] else ""),
+            f"worst dB vs {base}": (round(min(p - against_source[base][i] for i, p in against_source[v].items()), 2)
+                                    if against_source[v] else ""),
         })
     return rows
 
 
 def _reference(data: bytes, size: tuple[int, int], cache: dict) -> np.ndarray:
     """The ideal of a resized image: full-size decode, one Lanczos pass, no JPEG encoding."""
-    if data not in cache:
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-        cache[data] = np.asarray(image.resize(size, Image.Resampling.LANCZOS), dtype=np.float64)
-    return cache[data]
+    if (data, size) not in cache:
+        bands = Image.open(io.BytesIO(data)).convert("RGB").split()
+        if bands[0].size != size:  # in 32-bit float: no rounding to 8 bits between or after the two passes
+            bands = [band.convert("F").resize(size, Image.Resampling.LANCZOS) for band in bands]
+        cache[(data, size)] = np.stack([np.asarray(band, dtype=np.float64) for band in bands], axis=2)
+    return cache[(data, size)]
 
 
 def _psnr(jpeg: bytes, reference: np.ndarray) -> float:
@@ -170,7 +305,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="list each --src image this many times (default 1)")
     p.add_argument("--workers", type=int, nargs="*", default=[1, os.cpu_count() or 1],
                    help="worker counts to measure preprocess.shard with (default: 1 and all cores; none to skip)")
-    p.add_argument("--encoders", nargs="*", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
+    p.add_argument("--encoders", nargs="*", default=DEFAULT_VARIANTS, choices=[*VARIANTS, *CANDIDATES],
                    help=f"encoder variants to compare in one process (default: {' '.join(DEFAULT_VARIANTS)}; "
                         f"none to skip)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the encoder comparison, best kept (default 2)")

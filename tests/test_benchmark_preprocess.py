@@ -1,10 +1,11 @@
 import io
 
+import numpy as np
 from PIL import Image
 
 from benchmarks import preprocess as bench
 from benchmarks import report
-from benchmarks.photos import photo_jpegs
+from benchmarks.photos import photo_jpegs, photo_like
 
 
 def docs_files() -> dict:
@@ -68,3 +69,21 @@ def test_flat_folder_subset_and_repeat(tmp_path):
     assert len(bench.source_images(str(tree))) == 8
     rows = bench.compare_encoders(bench.source_images(str(tree)), ["auto"], max_side=500, quality=90, rounds=1)
     assert rows[0]["kept unchanged"] == 8 and rows[0]["output/source bytes"] == 1.0  # q90 sources need no change
+
+
+def test_issue20_candidates_against_the_encoder_before_issue_20():
+    """`issue9` re-implements `auto` as it was before issue 20 (Pillow's draft() only for >= 4x): on images
+    that need no resize it gives reencode's bytes; every candidate gets rate, byte and PSNR columns against it."""
+    sources = list(photo_jpegs(4, seed=3, quality=95))  # q95: re-encoded, as most ImageNet files
+    for size in ((1200, 900), (640, 1000)):  # and two to shrink, 2.4x and 2x
+        out = io.BytesIO()
+        photo_like(np.random.default_rng(4), *size).save(out, format="JPEG", quality=95)
+        sources.append(out.getvalue())
+    for data in sources:
+        if max(Image.open(io.BytesIO(data)).size) <= 500:
+            assert bench.candidate(data, max_side=500, quality=90).jpeg == bench.encode.reencode(data).jpeg
+    rows = bench.compare_encoders(sources, ["issue9", "auto", "cv2-area"], max_side=500, quality=90, rounds=1)
+    base, auto, area = rows
+    assert base["x issue9 (CPU)"] == 1 and base["bytes / issue9"] == 1 and base["mean dB vs issue9"] == 0
+    assert auto["resized"] == base["resized"] > 0
+    assert area["mean dB vs issue9"] < 0  # INTER_AREA is not the Lanczos ideal
