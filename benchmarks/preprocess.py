@@ -3,7 +3,8 @@
 Two measurements on the same images:
 
 1. The encoder alone, in this one process (= one worker), over source bytes already in memory:
-   each variant of `preprocess.encode.reencode` in turn, `--rounds` times interleaved (so that load
+   each variant of `preprocess.encode.reencode` in turn, `--rounds` times interleaved, the order rotated
+   by one each round (so that load
    from other jobs hits all variants alike), best round kept, timed by the wall clock and by this
    process's CPU time (the steadier figure on a shared machine; the ratio to `before` uses it). `before` is the encoder as it was
    before issue 9 (decode at full size, always re-encode); `auto`, `keep` and `always` are the
@@ -198,8 +199,9 @@ def compare_encoders(images: list[bytes], variants: list[str], max_side: int, qu
     wall = {v: float("inf") for v in variants}
     cpu = {v: float("inf") for v in variants}
     outputs: dict[str, list] = {}
-    for _ in range(rounds):
-        for v in variants:
+    for round_ in range(rounds):
+        shift = round_ % len(variants)  # the order rotates each round: no variant always runs first
+        for v in variants[shift:] + variants[:shift]:
             start, start_cpu = time.perf_counter(), time.process_time()
             results = []
             for data in images:
