@@ -65,14 +65,19 @@ def build_stage(stage: str, tars, idxs, *, batch_size: int, res: int, threads: i
     return pipe
 
 
-def time_runs(pipe, batches: int, convert=None) -> tuple[float, float]:
-    """Wall and CPU seconds of `batches` pipeline runs (and `convert` of each output, when given)."""
+def time_runs(pipe, batches: int, convert=None) -> tuple[float, float, float]:
+    """Wall and CPU seconds of `batches` pipeline runs, and the wall seconds of `convert` (when given: called on
+    each run's outputs; its time is not in the first two)."""
     wall, cpu = time.perf_counter(), time.process_time()
+    converting = converting_cpu = 0.0
     for _ in range(batches):
         outputs = pipe.run()
         if convert is not None:
+            began, began_cpu = time.perf_counter(), time.process_time()
             convert(*outputs)
-    return time.perf_counter() - wall, time.process_time() - cpu
+            converting += time.perf_counter() - began
+            converting_cpu += time.process_time() - began_cpu
+    return (time.perf_counter() - wall - converting, time.process_time() - cpu - converting_cpu, converting)
 
 
 def profile_ours(data_dir: Path, *, batch_size: int, res: int, threads: int, rounds: int, batches: int) -> list[dict]:
@@ -95,11 +100,10 @@ def profile_ours(data_dir: Path, *, batch_size: int, res: int, threads: int, rou
     epoch_images = len(loader) * batch_size
     for r in range(rounds):
         for s, pipe in pipes.items():
-            w, c = time_runs(pipe, batches)
+            w, c, converting = time_runs(pipe, batches, to_torch if s == "normalise" else None)
             wall[s].append(w * per_image)
             cpu[s].append(c * per_image)
-        with_torch, _ = time_runs(pipes["normalise"], batches, to_torch)
-        torch_side.append(with_torch * per_image - wall["normalise"][-1])
+        torch_side.append(converting * per_image)
         began = time.perf_counter()
         next(iter(loader.epoch(r, res)))  # builds the epoch's pipeline and runs its first batch
         one_batch = wall["normalise"][-1] * batch_size / 1e3  # seconds
@@ -115,7 +119,7 @@ def profile_ours(data_dir: Path, *, batch_size: int, res: int, threads: int, rou
 
 
 def row(loader: str, stage: str, what: str, wall, cpu, step) -> dict:
-    median = lambda xs: round(statistics.median(xs), 4) if xs else "-"
+    median = lambda xs: round(statistics.median(xs), 3) if xs else "-"
     return {"loader": loader, "stage": stage, "adds": what, "pipeline ms/img": median(wall),
             "pipeline cpu ms/img": median(cpu), "stage ms/img": median(step)}
 
