@@ -106,10 +106,12 @@ def candidate(data: bytes, *, max_side: int, quality: int, decoder: str = "pil",
         if keepable and out.tell() >= len(data):
             return encode.EncodeResult(data, *source, ["passthrough"])
         return encode.EncodeResult(out.getvalue(), size[0], size[1], ["resized"] if size != source else [])
+    # Pixels stay a PIL image unless a step needs an array, so that `issue9` costs what reencode did.
     if decoder in ("pil", "pil-ycbcr"):
-        drafted = image.draft(None, want) if size != source else None
+        if size != source:
+            image.draft(None, want)
         image.load()
-        pixels = np.asarray(image)
+        pixels = image
     elif decoder == "simplejpeg":
         import simplejpeg
 
@@ -118,42 +120,42 @@ def candidate(data: bytes, *, max_side: int, quality: int, decoder: str = "pil",
                     if size != source else [], default=1)
         pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if gray else "RGB",
                                         min_width=-(-source[0] // scale), min_height=-(-source[1] // scale))
-        if gray:
-            pixels = pixels[:, :, 0]
+        pixels = pixels[:, :, 0] if gray else pixels
     else:  # cv2: scaled decodes come as IMREAD_REDUCED_*; full size here, as FFCV does
         pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR_RGB)
     if size != source:
-        h, w = pixels.shape[:2]
+        w, h = pixels.size if isinstance(pixels, Image.Image) else (pixels.shape[1], pixels.shape[0])
         eighths = round(8 * w / source[0])  # DCT scaling by M/8: decoded width = ceil(source width * M / 8)
         box = (0, 0, source[0] * eighths / 8, source[1] * eighths / 8) if eighths < 8 else None
         if resizer == "area":
-            pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+            pixels = cv2.resize(np.asarray(pixels), size, interpolation=cv2.INTER_AREA)
         elif resizer == "prefilter":  # Lanczos-3 stretched to the scale, then cubic sampling of the band-limited image
-            pixels = cv2.resize(cv2.sepFilter2D(pixels, -1, _lanczos_taps(w / size[0]), _lanczos_taps(h / size[1]),
-                                                borderType=cv2.BORDER_REFLECT_101), size, interpolation=cv2.INTER_CUBIC)
+            pixels = cv2.resize(cv2.sepFilter2D(np.asarray(pixels), -1, _lanczos_taps(w / size[0]),
+                                                _lanczos_taps(h / size[1]), borderType=cv2.BORDER_REFLECT_101),
+                                size, interpolation=cv2.INTER_CUBIC)
         else:
-            im = Image.fromarray(pixels)
-            if resizer == "bicubic":
-                im = im.resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=reducing_gap)
-            else:
-                im = im.resize(size, Image.Resampling.LANCZOS, box=box, reducing_gap=reducing_gap)
-            pixels = np.asarray(im)
-    if gray:
-        pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+            im = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+            pixels = im.resize(size, Image.Resampling.BICUBIC if resizer == "bicubic" else Image.Resampling.LANCZOS,
+                               box=box, reducing_gap=reducing_gap)
     if encoder == "pil":
-        out, result = io.BytesIO(), Image.fromarray(pixels)
-        if "comment" in image.info:  # as encode.reencode: Pillow's encoder writes the source's comment again
+        result = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+        result = result.convert("RGB") if gray else result
+        if "comment" in image.info:  # Pillow's encoder writes a Pillow-decoded source's comment again
             result.info["comment"] = image.info["comment"]
+        out = io.BytesIO()
         result.save(out, format="JPEG", quality=quality, subsampling="4:2:0", optimize=False)
         jpeg = out.getvalue()
-    elif encoder == "simplejpeg":
-        import simplejpeg
-
-        jpeg = simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality, colorsubsampling="420")
     else:
-        jpeg = cv2.imencode(".jpg", pixels[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality,
-                                                         cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
-                                                         cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420])[1].tobytes()
+        pixels = np.asarray(pixels)
+        pixels = np.repeat(pixels[:, :, None], 3, axis=2) if gray else pixels
+        if encoder == "simplejpeg":
+            import simplejpeg
+
+            jpeg = simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality, colorsubsampling="420")
+        else:
+            jpeg = cv2.imencode(".jpg", np.ascontiguousarray(pixels[:, :, ::-1]),
+                                [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                                 cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420])[1].tobytes()
     if keepable and len(jpeg) >= len(data):
         return encode.EncodeResult(data, *source, ["passthrough"])
     return encode.EncodeResult(jpeg, size[0], size[1], ["resized"] if size != source else [])
