@@ -44,8 +44,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
-import simplejpeg
 from PIL import Image, ImageFile, JpegImagePlugin
+
+try:  # a dependency (setup.cfg); imported softly only so that a machine that never shrinks an image (the GPU
+    import simplejpeg  # suite's device, whose generated images are within max_side) can still use this module
+except ImportError:
+    simplejpeg = None
+MISSING_SIMPLEJPEG = ("simplejpeg is not installed (a dependency since 2026-12-03: it decodes JPEGs that must shrink "
+                      "at a reduced DCT scale): run `pip install -e .` again in the project, or `pip install simplejpeg`")
 
 # A truncated file must fail loudly so it is reported as skipped, not padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -166,6 +172,8 @@ def _scaled_decode(data: bytes, image: Image.Image, size: tuple[int, int],
             break
     else:
         return None
+    if simplejpeg is None:  # never a silent fallback to another decoder: the output would differ by machine
+        raise RuntimeError(MISSING_SIMPLEJPEG)
     try:
         # strict: a warning (truncated or corrupt data) is an error here, so that Pillow's decode reports it.
         pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if image.mode == "L" else "RGB",

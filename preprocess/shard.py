@@ -66,6 +66,7 @@ from typing import Iterable, Iterator
 from tqdm import tqdm
 
 from preprocess.cli import ArgumentParser
+from preprocess import encode
 from preprocess.encode import MODES as REENCODE_MODES
 from preprocess.encode import NOT_CONVERSIONS, UndecodableImage, reencode
 from preprocess.manifest import FORMAT_VERSION, MANIFEST, mix_stats
@@ -652,6 +653,9 @@ def write_failure(exc: OSError, out: Path) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if encode.simplejpeg is None:
+        print(f"preprocess.shard: error: {encode.MISSING_SIMPLEJPEG}", file=sys.stderr)
+        return EXIT_ERROR
     # SIGTERM (spot interruption, `kill`) stops the run like Ctrl-C: workers die with the group or are
     # terminated by the parent, and nothing finished is lost.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)

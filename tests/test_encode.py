@@ -358,3 +358,51 @@ def test_real_imagenet_samples():
             fixes[fix] = fixes.get(fix, 0) + 1
     assert fixes["mode-l"] == 23  # every grayscale sample converted
     assert fixes["resized"] == 23 and fixes["passthrough"] > 0
+
+
+def test_without_simplejpeg_a_shrinking_image_is_an_error_never_another_decoder(monkeypatch, tmp_path, capsys):
+    """simplejpeg is imported softly (the GPU suite's device never shrinks an image): where it is missing, images
+    within max_side still encode, one that must shrink raises (not skipped as undecodable, not decoded another
+    way: the bytes would then depend on the machine), and preprocess.shard refuses to start, in one line."""
+    from preprocess import encode
+
+    monkeypatch.setattr(encode, "simplejpeg", None)
+    small = _photo((300, 200))
+    assert reencode(small, max_side=500).width == 300
+    with pytest.raises(RuntimeError, match="simplejpeg is not installed.*pip install -e ."):
+        reencode(_photo((1200, 800)), max_side=500)
+    src = tmp_path / "src" / "train" / "n01440764"
+    src.mkdir(parents=True)
+    (src / "a.JPEG").write_bytes(small)
+    assert shard.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == shard.EXIT_ERROR
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("preprocess.shard: error: simplejpeg is not installed") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_gpu_suites_device_data_needs_no_simplejpeg(tmp_path):
+    """The device image has no simplejpeg: the suite's toy and photo-like shards (images within max_side) must
+    still be made there. A simplejpeg that cannot be imported stands in for it, in worker processes too."""
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "simplejpeg.py").write_text("raise ImportError('simplejpeg blocked by this test')\n")
+    code = ("from pathlib import Path\n"
+            "from preprocess import encode\n"
+            "assert encode.simplejpeg is None\n"
+            "from benchmarks import gpu_suite\n"
+            "from benchmarks.dataloader import write_synthetic_shards\n"
+            "from benchmarks.toydata import toy_shards\n"
+            "s = gpu_suite.sizes_for('cuda', 'quick')\n"
+            f"out = Path({str(tmp_path)!r})\n"
+            "write_synthetic_shards(out / 'photos', 8, max_side=s.photo_side)\n"
+            "toy_shards(out / 'toy', images_per_shard=100, workers=2, **{**s.toy, 'per_class': 3, 'val_per_class': 1})\n"
+            "print('made')\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(root)]), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "made" in proc.stdout, proc.stderr[-2000:]
+    manifest = json.loads((tmp_path / "toy" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["images"] == 30

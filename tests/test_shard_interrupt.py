@@ -24,9 +24,11 @@ ARGS = ["--images-per-shard", 20, "--max-side", 96, "--reencode", "always"]
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    """400 train and 100 val images of 128 px: a few seconds of work for two workers."""
+    """1,200 train and 100 val images of 128 px: a few seconds of work for two workers, so that the run is still
+    going when the test, polling on a loaded 2-core machine, sees the first val shard (with 400 train images a
+    run once finished in that gap)."""
     src = tmp_path_factory.mktemp("interrupt-parquet")
-    write_synthetic_parquet(src, per_class=40, val_per_class=10, size=128)
+    write_synthetic_parquet(src, per_class=120, val_per_class=10, size=128)
     return src
 
 
