@@ -23,7 +23,8 @@ the medians ours / that loader.
 Data: --photos is an ImageFolder (DIR/<class>/*.JPEG, or DIR/train/<class>/*.JPEG whose train/ is used) or a
 flat folder of <class>_<name>.JPEG files like ../shared/data/imagenet-samples; --repeat N lists every photo N
 times under distinct names. The listing is linked (symlinks, not copies) into --cache, sharded there for ours
-and torchvision and written there as a .beton for FFCV; both are reused by later runs on the same photos.
+and torchvision and written there as a .beton for FFCV; both are reused by later runs on the same photos (the
+shards only while preprocess.encode and its decoders' versions are unchanged: their folder name carries a digest).
 A peer that cannot be imported is skipped with one line that says how to install it.
 
 --writers: the shard writers instead of the loaders (issue 20 item 1, the writer half). Each writer writes the
@@ -66,7 +67,6 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-import torch
 
 from benchmarks.dataloader import cpu_seconds, print_table
 from benchmarks.report import add_report_flags, append_result, cpu_description, git_commit, report_path
@@ -134,6 +134,22 @@ def link_photos(photos: list[tuple[str, Path]], repeat: int, out: Path) -> list[
                 link.symlink_to(path.resolve())
             entries.append((link, labels[label]))
     return entries
+
+
+def encoder_digest() -> str:
+    """What the shards' bytes depend on besides the photos: preprocess.encode's source and its decoders' versions.
+    Shards in --cache are kept per digest, so a changed encoder is never compared through shards it did not write."""
+    import importlib.metadata
+
+    from preprocess import encode
+
+    digest = hashlib.sha256(Path(encode.__file__).read_bytes())
+    for package in ("pillow", "simplejpeg"):
+        try:
+            digest.update(f"{package} {importlib.metadata.version(package)}".encode())
+        except importlib.metadata.PackageNotFoundError:
+            digest.update(f"{package} absent".encode())
+    return digest.hexdigest()[:8]
 
 
 def write_shards(folder: Path, out: Path, reencode: str, workers: int) -> Path:
@@ -635,7 +651,7 @@ def main(argv=None) -> int:
     folder = cache_dir(args.cache, args.photos, photos, args.repeat)
     entries = link_photos(photos, args.repeat, folder / "photos")
     started = time.perf_counter()
-    shards = write_shards(folder / "photos", folder / f"shards-{args.reencode}", args.reencode, workers)
+    shards = write_shards(folder / "photos", folder / f"shards-{args.reencode}-{encoder_digest()}", args.reencode, workers)
     progress(f"ours, torchvision: {total:,} images ({len(photos):,} photos x {args.repeat}) as shards at "
              f"preprocess.shard --max-side {MAX_SIDE} --quality {QUALITY} --reencode {args.reencode}: {shards} "
              f"({time.perf_counter() - started:.1f} s)")

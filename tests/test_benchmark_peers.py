@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,3 +198,19 @@ def test_help_explains_the_flags_and_bad_flags_are_refused(capsys):
         with pytest.raises(SystemExit) as exit_:
             peers.parse_args(argv)
         assert exit_.value.code == 2
+
+
+def test_cached_shards_are_kept_per_encoder(tmp_path, monkeypatch):
+    """Shards in --cache written by another preprocess.encode (or decoder version) are not reused: the folder
+    name carries a digest of the encoder's source and its decoders' versions."""
+    from preprocess import encode
+
+    source = Path(encode.__file__).read_text()
+    same, changed = tmp_path / "same.py", tmp_path / "changed.py"
+    same.write_text(source)
+    changed.write_text(source.replace("DRAFT_GAP = ", "DRAFT_GAP = 0.5 + "))
+    today = peers.encoder_digest()
+    monkeypatch.setattr(encode, "__file__", str(same))
+    assert peers.encoder_digest() == today
+    monkeypatch.setattr(encode, "__file__", str(changed))
+    assert peers.encoder_digest() != today
