@@ -657,8 +657,10 @@ def main(argv=None) -> int:
         print(f"preprocess.shard: error: {encode.MISSING_SIMPLEJPEG}", file=sys.stderr)
         return EXIT_ERROR
     # SIGTERM (spot interruption, `kill`) stops the run like Ctrl-C: workers die with the group or are
-    # terminated by the parent, and nothing finished is lost.
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # terminated by the parent, and nothing finished is lost. SIGINT is set too: a process started by a script's
+    # background job (`cmd &`, nohup under a non-interactive shell) inherits it ignored, and Ctrl-C or
+    # `kill -INT` would then be dropped without a word while train.main stops on it.
+    previous = {s: signal.signal(s, signal.default_int_handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         splits = validate(args)
         manifest = run(args.src, args.out, fmt=args.format, splits=splits,
@@ -681,7 +683,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     stats = manifest.pop("_stats")
     for split, info in manifest["splits"].items():
         fixes = ", ".join(f"{k} {v}" for k, v in info["fixed"].items() if k != "passthrough") or "none"
