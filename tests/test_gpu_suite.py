@@ -148,6 +148,7 @@ def test_train_main_checks_follow_the_presets_validation_epochs(tmp_path):
 
 def test_stages_are_planned_to_end_before_the_deadline(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_suite, "MIN_STAGE_S", 1.0)
+    gpu_suite.collect_figures({}, "")  # imports torch now, not inside the first stage's bookkeeping (~2 s of 6)
     suite = gpu_suite.Suite(tmp_path / "out", "cpu", "quick", None, tmp_path / "carry", "abc1234", deadline_s=6)
     suite.sizes.budgets.update({"works": 10, "hangs": 10, "last": 10, "after": 10})
     suite.pending = ["works", "hangs", "last"]  # what run() would plan; "after" comes unplanned
@@ -287,3 +288,16 @@ def test_the_documented_quick_budgets_are_the_codes():
     budgets = {k: v for k, v in gpu_suite.sizes_for("cuda", "quick").budgets.items() if v}
     assert documented == budgets
     assert int(line.group(1)) == sum(budgets.values()) == gpu_suite.sizes_for("cuda", "quick").deadline_s
+
+
+def test_the_last_planned_stage_gets_the_time_earlier_stages_saved(tmp_path):
+    """A stage's own budget caps it, except the last planned one's: it gets all that is left before the deadline
+    (the compiled trainer's compile time is the least known figure), so time saved earlier is not thrown away."""
+    suite = gpu_suite.Suite(tmp_path / "out", "cpu", "quick", None, tmp_path / "carry", "abc1234", deadline_s=40)
+    suite.sizes.budgets.update({"quick": 20, "slow-last": 6})
+    suite.pending = ["quick", "slow-last"]
+    suite.stage("quick", lambda r: suite.run_commands(r, [[sys.executable, "-c", "print('fine')"]]))
+    suite.stage("slow-last", lambda r: suite.run_commands(r, [[sys.executable, "-c", "import time; time.sleep(8)"]]))
+    by_name = {r.name: r for r in suite.results}
+    assert by_name["quick"].budget_s == 20  # its own: the time left (~40 s) covers the planned 26 s
+    assert by_name["slow-last"].status == "ok" and by_name["slow-last"].budget_s > 30  # not its own 6 s
