@@ -199,9 +199,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_report_flags(p)
     p.add_argument("--notes", default="", help="free text stored with the --report entry")
     args = p.parse_args(argv)
-    for name in ("res", "threads", "batch_size", "rounds", "batches"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    p.require_positive(args, *("res", "threads", "batch_size", "rounds", "batches"))
     if args.beton is not None and not args.beton.is_file():
         p.error(f"--beton {args.beton}: no such file")
     return args

@@ -598,9 +598,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_report_flags(p)
     p.add_argument("--notes", default="", help="free text stored with the --report entry")
     args = p.parse_args(argv)
-    for name in ("repeat", "rounds", "epochs", "batch_size", "images_per_shard"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    p.require_positive(args, *("repeat", "rounds", "epochs", "batch_size", "images_per_shard"))
     if min(args.threads) < 1:
         p.error(f"--threads {min(args.threads)}: must be at least 1")
     if min(args.res) < 8:

@@ -32,3 +32,9 @@ class ArgumentParser(argparse.ArgumentParser):
                     hints.append(f"{token.split('=', 1)[0]}: did you mean {meant}?")
         hint = "; ".join(hints) or f"see {self.prog} --help"
         self.exit(2, f"{self.prog}: error: {message} ({hint})\n")
+
+    def require_positive(self, args: argparse.Namespace, *names: str) -> None:
+        """One line naming the first of these integer flags that is below 1 (attribute names, e.g. "batch_size")."""
+        for name in names:
+            if getattr(args, name) < 1:
+                self.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
